@@ -1,0 +1,3 @@
+from petitkexec.cli import main
+
+main()

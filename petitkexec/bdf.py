@@ -1,0 +1,57 @@
+"""The PCI address value type: domain:bus:device.function, as sysfs spells it."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+_BDF = re.compile(
+    r"^(?:(?P<domain>[0-9a-fA-F]{4,8}):)?(?P<bus>[0-9a-fA-F]{2}):"
+    r"(?P<device>[0-9a-fA-F]{2})\.(?P<function>[0-7])$"
+)
+
+
+@dataclass(frozen=True, order=True)
+class Bdf:
+    domain: int
+    bus: int
+    device: int
+    function: int
+
+    def __post_init__(self) -> None:
+        if not (0 <= self.bus <= 0xFF and 0 <= self.device <= 0x1F and 0 <= self.function <= 7):
+            raise ValueError(
+                f"PCI address out of range: {self.domain:x}:{self.bus:x}:"
+                f"{self.device:x}.{self.function}"
+            )
+        if not 0 <= self.domain <= 0xFFFFFFFF:
+            raise ValueError(f"PCI domain out of range: {self.domain:x}")
+
+    @classmethod
+    def parse(cls, text: str) -> Bdf:
+        """Parse `0000:00:1f.2` (or `00:1f.2`, domain 0); anything else is a ValueError."""
+        match = _BDF.match(text.strip())
+        if match is None:
+            raise ValueError(f"{text!r} is not a PCI address (expected DDDD:BB:DD.F)")
+        bus, device = int(match["bus"], 16), int(match["device"], 16)
+        if device > 0x1F:
+            raise ValueError(f"{text!r} is not a PCI address (device number above 1f)")
+        return cls(int(match["domain"] or "0", 16), bus, device, int(match["function"]))
+
+    @classmethod
+    def find_all(cls, text: str) -> list[Bdf]:
+        """Every full PCI address in a sysfs path, outermost first (bridges, then the device)."""
+        found = []
+        for part in text.split("/"):
+            match = _BDF.match(part)
+            if match is not None and match["domain"] is not None:
+                found.append(cls.parse(part))
+        return found
+
+    @property
+    def slot(self) -> tuple[int, int, int]:
+        """What the functions of one multi-function device share."""
+        return (self.domain, self.bus, self.device)
+
+    def __str__(self) -> str:
+        return f"{self.domain:04x}:{self.bus:02x}:{self.device:02x}.{self.function}"

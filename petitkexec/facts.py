@@ -1,0 +1,208 @@
+"""What the running system needs: the PCI functions behind its mounts, swap and console.
+
+Read from mountinfo and sysfs only (no pyudev), with both roots as parameters so tests can
+build them under a temporary directory.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from petitkexec.bdf import Bdf
+from petitkexec.model import SystemFacts
+
+
+@dataclass(frozen=True)
+class Mount:
+    device: tuple[int, int]  # st_dev of the file system: (major, minor)
+    mount_point: str
+    fstype: str
+    source: str
+    writable: bool
+
+    @classmethod
+    def parse(cls, line: str) -> Mount:
+        # mountinfo(5): ID PARENT MAJ:MIN ROOT POINT OPTIONS [OPTIONAL...] - FSTYPE SOURCE SUPER
+        before, _, after = line.partition(" - ")
+        fields, tail = before.split(), after.split()
+        major, minor = fields[2].split(":")
+        options = fields[5].split(",")
+        super_options = tail[2].split(",") if len(tail) > 2 else []
+        return cls(
+            device=(int(major), int(minor)),
+            mount_point=_unescape(fields[4]),
+            fstype=tail[0],
+            source=_unescape(tail[1]) if len(tail) > 1 else "",
+            writable="rw" in options and "ro" not in super_options,
+        )
+
+
+def _unescape(text: str) -> str:
+    """mountinfo escapes space, tab, newline and backslash as octal."""
+    return re.sub(r"\\([0-7]{3})", lambda match: chr(int(match[1], 8)), text)
+
+
+def read_mounts(proc_root: Path) -> list[Mount]:
+    text = (proc_root / "self" / "mountinfo").read_text()
+    return [Mount.parse(line) for line in text.splitlines() if line.strip()]
+
+
+def gather_facts(sysfs_root: Path, proc_root: Path = Path("/proc")) -> SystemFacts:
+    return SystemFacts(
+        needed=needed_functions(sysfs_root, proc_root),
+        lockdown=read_lockdown(sysfs_root),
+        kexec_loaded=read_kexec_loaded(sysfs_root),
+    )
+
+
+def needed_functions(sysfs_root: Path, proc_root: Path) -> dict[Bdf, str]:
+    """Map each PCI function the running system needs to why, first reason wins."""
+    needed: dict[Bdf, str] = {}
+    for bdf, reason in _mount_needs(sysfs_root, proc_root):
+        needed.setdefault(bdf, reason)
+    for bdf, reason in _swap_needs(sysfs_root, proc_root):
+        needed.setdefault(bdf, reason)
+    for bdf, reason in _console_needs(sysfs_root):
+        needed.setdefault(bdf, reason)
+    return needed
+
+
+def _mount_needs(sysfs_root: Path, proc_root: Path) -> Iterator[tuple[Bdf, str]]:
+    """Writable mounts and the root file system (the handoff still runs programs from it)."""
+    try:
+        mounts = read_mounts(proc_root)
+    except OSError:
+        return
+    virtio_tags = _virtio_mount_tags(sysfs_root)
+    for mount in mounts:
+        if not mount.writable and mount.mount_point != "/":
+            continue
+        mode = "rw" if mount.writable else "ro"
+        reason = f"backs {mount.mount_point} mounted {mode}"
+        if mount.fstype == "9p" and mount.source in virtio_tags:
+            # A mounted 9p share makes its virtio device's remove() wait forever for users
+            # (p9_virtio_remove: "waiting for device in use").
+            yield (
+                virtio_tags[mount.source],
+                f"9p share {mount.source!r} mounted at {mount.mount_point}",
+            )
+            continue
+        for device_number in _block_devices_of(mount):
+            for bdf in _functions_behind_block_device(sysfs_root, device_number):
+                yield bdf, reason
+
+
+def _block_devices_of(mount: Mount) -> list[tuple[int, int]]:
+    if mount.device[0] != 0:
+        return [mount.device]
+    # btrfs and friends report an anonymous st_dev: fall back to the source device node.
+    if mount.source.startswith("/dev/"):
+        try:
+            rdev = os.stat(mount.source).st_rdev
+        except OSError:
+            return []
+        return [(os.major(rdev), os.minor(rdev))] if rdev else []
+    return []
+
+
+def _functions_behind_block_device(sysfs_root: Path, device: tuple[int, int]) -> set[Bdf]:
+    """Follow a block device through partitions, dm/md `slaves` and nvme multipath to PCI."""
+    found: set[Bdf] = set()
+    seen: set[Path] = set()
+    pending = [sysfs_root / "dev" / "block" / f"{device[0]}:{device[1]}"]
+    while pending:
+        try:
+            node = pending.pop().resolve(strict=True)
+        except OSError:
+            continue
+        if node in seen:
+            continue
+        seen.add(node)
+        lower = [*_entries(node / "slaves"), *_entries(node / "multipath")]
+        if node.parent.name != "block" and (node / "partition").exists():
+            lower.append(node.parent)  # a partition sits inside its disk's directory
+        if lower:
+            pending.extend(lower)
+            continue
+        addresses = Bdf.find_all(str(node))
+        if addresses:
+            found.add(addresses[-1])
+    return found
+
+
+def _entries(directory: Path) -> list[Path]:
+    try:
+        return list(directory.iterdir())
+    except OSError:
+        return []
+
+
+def _virtio_mount_tags(sysfs_root: Path) -> dict[str, Bdf]:
+    tags: dict[str, Bdf] = {}
+    for virtio in _entries(sysfs_root / "bus" / "virtio" / "devices"):
+        try:
+            tag = (virtio / "mount_tag").read_bytes().rstrip(b"\0\n").decode()
+            addresses = Bdf.find_all(str(virtio.resolve(strict=True)))
+        except (OSError, UnicodeDecodeError):
+            continue
+        if addresses:
+            tags[tag] = addresses[-1]
+    return tags
+
+
+def _swap_needs(sysfs_root: Path, proc_root: Path) -> Iterator[tuple[Bdf, str]]:
+    try:
+        lines = (proc_root / "swaps").read_text().splitlines()[1:]
+    except OSError:
+        return
+    for line in lines:
+        fields = line.split()
+        if len(fields) < 2 or fields[1] != "partition":
+            continue  # a swap file lives on a mount, which is covered there
+        try:
+            rdev = os.stat(_unescape(fields[0])).st_rdev
+        except OSError:
+            continue
+        for bdf in _functions_behind_block_device(sysfs_root, (os.major(rdev), os.minor(rdev))):
+            yield bdf, f"backs active swap {fields[0]}"
+
+
+def _console_needs(sysfs_root: Path) -> Iterator[tuple[Bdf, str]]:
+    """A console on a PCI serial card or a PCI framebuffer (tty0 on fbcon)."""
+    try:
+        consoles = (sysfs_root / "class" / "tty" / "console" / "active").read_text().split()
+    except OSError:
+        return
+    for name in consoles:
+        candidates = [sysfs_root / "class" / "tty" / name / "device"]
+        if name.startswith("tty") and name[3:].isdigit():
+            candidates.append(sysfs_root / "class" / "graphics" / "fb0" / "device")
+        for candidate in candidates:
+            try:
+                addresses = Bdf.find_all(str(candidate.resolve(strict=True)))
+            except OSError:
+                continue
+            if addresses:
+                yield addresses[-1], f"console {name}"
+                break
+
+
+def read_lockdown(sysfs_root: Path) -> str | None:
+    """The active lockdown level, shown in brackets: `none [integrity] confidentiality`."""
+    try:
+        text = (sysfs_root / "kernel" / "security" / "lockdown").read_text()
+    except OSError:
+        return None
+    match = re.search(r"\[(\w+)\]", text)
+    return match[1] if match else None
+
+
+def read_kexec_loaded(sysfs_root: Path) -> bool | None:
+    try:
+        return (sysfs_root / "kernel" / "kexec_loaded").read_text().strip() == "1"
+    except OSError:
+        return None

@@ -1,0 +1,135 @@
+"""The one place that touches the kernel's PCI sysfs. Its root is a parameter, for tests.
+
+Reads go straight to files. Writes go through a `SysfsWriter`, the syscall boundary, so a
+simulated kernel in the tests can react to them as the real one does.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from petitkexec.bdf import Bdf
+from petitkexec.deadline import ChildResult, run_with_deadline
+from petitkexec.errors import KernelWriteFailed
+from petitkexec.model import PCI_BRIDGE_CONTROL, PCI_COMMAND
+
+SYSFS_ROOT = Path("/sys")
+
+
+class SysfsWriter(Protocol):
+    def write(self, path: Path, data: bytes, offset: int | None = None) -> None:
+        """One write(2) (or pwrite(2) at `offset`); raises OSError as the kernel answered."""
+
+
+class RealSysfsWriter:
+    def write(self, path: Path, data: bytes, offset: int | None = None) -> None:
+        fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            written = os.write(fd, data) if offset is None else os.pwrite(fd, data, offset)
+            if written != len(data):
+                raise OSError(errno.EIO, f"short write ({written} of {len(data)} bytes)")
+        finally:
+            os.close(fd)
+
+
+@dataclass
+class Kernel:
+    """PCI sysfs under `root`: every read and write petitkexec does to the running kernel."""
+
+    root: Path = SYSFS_ROOT
+    writer: SysfsWriter = field(default_factory=RealSysfsWriter)
+    sleep: Callable[[float], None] = time.sleep
+
+    def device_dir(self, bdf: Bdf) -> Path:
+        return self.root / "bus" / "pci" / "devices" / str(bdf)
+
+    def exists(self, bdf: Bdf) -> bool:
+        return self.device_dir(bdf).exists()
+
+    # -- reads -------------------------------------------------------------------------------
+
+    def driver(self, bdf: Bdf) -> str | None:
+        try:
+            return os.path.basename(os.readlink(self.device_dir(bdf) / "driver"))
+        except OSError:
+            return None
+
+    def read_config16(self, bdf: Bdf, offset: int) -> int | None:
+        """A 16-bit config register, little-endian as sysfs gives it; None if unreadable."""
+        try:
+            with (self.device_dir(bdf) / "config").open("rb") as config:
+                config.seek(offset)
+                data = config.read(2)
+        except OSError:
+            return None
+        return int.from_bytes(data, "little") if len(data) == 2 else None
+
+    def read_command(self, bdf: Bdf) -> int | None:
+        return self.read_config16(bdf, PCI_COMMAND)
+
+    def read_attribute(self, bdf: Bdf, name: str) -> str | None:
+        try:
+            return (self.device_dir(bdf) / name).read_text().strip()
+        except OSError:
+            return None
+
+    def driver_override(self, bdf: Bdf) -> str | None:
+        value = self.read_attribute(bdf, "driver_override")
+        return None if value in (None, "", "(null)") else value
+
+    def has_attribute(self, bdf: Bdf, name: str) -> bool:
+        return (self.device_dir(bdf) / name).exists()
+
+    def is_powernv(self) -> bool:
+        """OPAL firmware: bus resets must go through it (pnv_pci_reset_secondary_bus)."""
+        return (self.root / "firmware" / "opal").exists()
+
+    # -- writes ------------------------------------------------------------------------------
+
+    def _write(self, path: Path, text: str, offset: int | None = None) -> None:
+        self._write_bytes(path, text.encode(), offset)
+
+    def _write_bytes(self, path: Path, data: bytes, offset: int | None = None) -> None:
+        try:
+            self.writer.write(path, data, offset)
+        except OSError as error:
+            raise KernelWriteFailed(
+                str(path), error.errno or errno.EIO, error.strerror or ""
+            ) from error
+
+    def write_config16(self, bdf: Bdf, offset: int, value: int) -> None:
+        # A 2-byte pwrite is one 16-bit config cycle (pci_write_config() in pci-sysfs.c).
+        self._write_bytes(self.device_dir(bdf) / "config", value.to_bytes(2, "little"), offset)
+
+    def write_command(self, bdf: Bdf, value: int) -> None:
+        self.write_config16(bdf, PCI_COMMAND, value)
+
+    def write_bridge_control(self, bdf: Bdf, value: int) -> None:
+        self.write_config16(bdf, PCI_BRIDGE_CONTROL, value)
+
+    def read_bridge_control(self, bdf: Bdf) -> int | None:
+        return self.read_config16(bdf, PCI_BRIDGE_CONTROL)
+
+    def set_driver_override(self, bdf: Bdf, value: str | None) -> None:
+        # An empty write clears the override (driver_override_store()).
+        self._write(self.device_dir(bdf) / "driver_override", value or "\n")
+
+    def unbind(self, bdf: Bdf, driver: str, timeout_s: float) -> ChildResult:
+        """Write the address to the driver's `unbind` in a child that may be abandoned."""
+        path = self.root / "bus" / "pci" / "drivers" / driver / "unbind"
+        return run_with_deadline(lambda: self.writer.write(path, str(bdf).encode()), timeout_s)
+
+    def bind(self, bdf: Bdf, driver: str) -> None:
+        self._write(self.root / "bus" / "pci" / "drivers" / driver / "bind", str(bdf))
+
+    def write_enable(self, bdf: Bdf, enabled: bool) -> None:
+        self._write(self.device_dir(bdf) / "enable", "1" if enabled else "0")
+
+    def write_attribute(self, bdf: Bdf, name: str, value: str) -> None:
+        self._write(self.device_dir(bdf) / name, value)

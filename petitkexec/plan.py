@@ -1,0 +1,178 @@
+"""The plan: a pure function from (topology, policy, facts) to ordered, explained steps.
+
+Order matters because of what the kernel does on unbind:
+- unbinding a PF driver disables SR-IOV and removes its VFs, so VFs come first;
+- unbinding `pcieport` calls pci_disable_device() on the port, clearing its bus master and so
+  cutting DMA and MSI for everything below, so endpoints come before the bridges above them;
+- a secondary-bus reset restores config as it was saved, so it comes after bus master is cleared.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from enum import Enum
+
+from petitkexec.bdf import Bdf
+from petitkexec.model import PciFunction, SystemFacts, Topology
+from petitkexec.policy import Policy
+
+
+class Action(Enum):
+    UNBIND = "unbind"
+    CLEAR_BUS_MASTER = "clear-bus-master"
+    RESET_BUS = "reset-bus"
+    SKIP = "skip"
+    PROTECT = "protect"
+    KEEP = "keep"
+
+    @property
+    def mutates(self) -> bool:
+        return self in (Action.UNBIND, Action.CLEAR_BUS_MASTER, Action.RESET_BUS)
+
+
+@dataclass(frozen=True)
+class Step:
+    bdf: Bdf
+    action: Action
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.action.value} ({self.reason})"
+
+
+@dataclass(frozen=True)
+class Plan:
+    steps: tuple[Step, ...]
+    conflicts: tuple[str, ...] = ()
+
+    def decision(self, bdf: Bdf) -> Step:
+        """The one per-function step (unbind, clear-bus-master, skip, protect or keep)."""
+        for step in self.steps:
+            if step.bdf == bdf and step.action is not Action.RESET_BUS:
+                return step
+        raise KeyError(bdf)
+
+    def with_action(self, action: Action) -> tuple[Step, ...]:
+        return tuple(step for step in self.steps if step.action is action)
+
+    @property
+    def mutating_steps(self) -> tuple[Step, ...]:
+        return tuple(step for step in self.steps if step.action.mutates)
+
+
+def build_plan(topology: Topology, policy: Policy, facts: SystemFacts) -> Plan:
+    held = _held_functions(topology, policy, facts)
+    decisions = {function.bdf: held.get(function.bdf) or _decide(function) for function in topology}
+    steps = [decisions[bdf] for bdf in _teardown_order(topology)]
+    if policy.hot_reset:
+        steps.extend(_reset_steps(topology, decisions))
+    return Plan(steps=tuple(steps), conflicts=_conflicts(topology, policy, held))
+
+
+def _held_functions(topology: Topology, policy: Policy, facts: SystemFacts) -> dict[Bdf, Step]:
+    """Protect what the system needs and keep what policy excludes, with what they depend on.
+
+    A bridge above a held function stays as it is (unbinding its pcieport would cut the held
+    function's DMA), and so does the PF of a held VF (unbinding the PF removes its VFs).
+    Protection outranks keeping.
+    """
+    held: dict[Bdf, Step] = {}
+    for function in topology:
+        if function.bdf in facts.needed and not policy.unprotected(function):
+            held[function.bdf] = Step(function.bdf, Action.PROTECT, facts.needed[function.bdf])
+    for function in topology:
+        if function.bdf not in held and (reason := policy.excluded_by(function)):
+            held[function.bdf] = Step(function.bdf, Action.KEEP, reason)
+    for action, word in ((Action.PROTECT, "protected"), (Action.KEEP, "kept")):
+        pending = [step.bdf for step in held.values() if step.action is action]
+        while pending:
+            origin = pending.pop()
+            for dependency, relation in _depended_on(topology, origin):
+                if dependency not in held:
+                    held[dependency] = Step(dependency, action, f"{relation} {word} {origin}")
+                    pending.append(dependency)
+    return held
+
+
+def _depended_on(topology: Topology, bdf: Bdf) -> Iterator[tuple[Bdf, str]]:
+    function = topology[bdf]
+    if function.parent is not None and function.parent in topology.functions:
+        yield function.parent, "above"
+    if function.physfn is not None and function.physfn in topology.functions:
+        yield function.physfn, "PF of"
+
+
+def _decide(function: PciFunction) -> Step:
+    bdf, driver, bus_master = function.bdf, function.driver, function.bus_master_on
+    if driver is not None and function.driver_can_unbind:
+        # remove() is the path that leaves a device clean for the next driver.
+        return Step(bdf, Action.UNBIND, f"{driver}, has unbind")
+    who = "no driver" if driver is None else f"{driver} cannot be unbound"
+    if bus_master is None:
+        return Step(bdf, Action.SKIP, f"{who}, config space unreadable")
+    if bus_master:
+        return Step(bdf, Action.CLEAR_BUS_MASTER, f"{who}, BME on")
+    return Step(
+        bdf,
+        Action.SKIP,
+        "bus master already off" if driver is None else f"{who}, bus master already off",
+    )
+
+
+def _teardown_order(topology: Topology) -> list[Bdf]:
+    """VFs, then the other endpoints, then bridges deepest first."""
+    functions = list(topology)
+    virtfns = [f.bdf for f in functions if f.is_virtfn]
+    endpoints = [f.bdf for f in functions if not f.is_virtfn and not f.is_bridge]
+    bridges = sorted(
+        (f.bdf for f in functions if f.is_bridge and not f.is_virtfn),
+        key=lambda bdf: (-topology.depth(bdf), bdf),
+    )
+    return virtfns + endpoints + bridges
+
+
+def _reset_steps(topology: Topology, decisions: dict[Bdf, Step]) -> list[Step]:
+    """One secondary-bus reset per topmost bridge whose whole subtree is torn down.
+
+    A reset below a bridge also resets every bus further down, so nested bridges add nothing;
+    a subtree holding a protected, kept or still-bound function is not reset at all.
+    """
+    resettable = {
+        bdf: _subtree_resettable(topology, decisions, bdf)
+        for bdf, function in topology.functions.items()
+        if function.is_bridge and topology.children(bdf)
+    }
+    steps = []
+    for bdf in sorted(resettable, key=lambda b: (topology.depth(b), b)):
+        if resettable[bdf] and not any(resettable.get(up) for up in topology.ancestors(bdf)):
+            steps.append(Step(bdf, Action.RESET_BUS, "bridge, --hot-reset"))
+    return steps
+
+
+def _subtree_resettable(topology: Topology, decisions: dict[Bdf, Step], bridge: Bdf) -> bool:
+    if decisions[bridge].action in (Action.PROTECT, Action.KEEP):
+        return False
+    for below in topology.descendants(bridge):
+        step = decisions[below]
+        if step.action in (Action.PROTECT, Action.KEEP):
+            return False
+        if step.action is Action.SKIP and topology[below].driver is not None:
+            return False  # a driver we could not unbind is still driving it
+    return True
+
+
+def _conflicts(topology: Topology, policy: Policy, held: dict[Bdf, Step]) -> tuple[str, ...]:
+    """Requests the plan cannot honour: --only naming something the system needs."""
+    conflicts = []
+    for bdf, step in held.items():
+        if (
+            step.action is Action.PROTECT
+            and policy.only
+            and any(spec.matches(topology[bdf]) for spec in policy.only)
+        ):
+            conflicts.append(
+                f"--only selects {bdf} but it is protected ({step.reason}); "
+                f"add --unprotect {bdf} to tear it down anyway"
+            )
+    return tuple(conflicts)

@@ -1,0 +1,107 @@
+"""A versioned JSON form of (topology, facts), so a plan can be made on another machine."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from petitkexec import __version__
+from petitkexec.bdf import Bdf
+from petitkexec.errors import SnapshotError
+from petitkexec.model import PciFunction, SystemFacts, Topology
+
+FORMAT = "petitkexec-snapshot"
+VERSION = 1
+
+
+def function_to_json(function: PciFunction) -> dict[str, Any]:
+    return {
+        "bdf": str(function.bdf),
+        "vendor": f"{function.vendor:04x}",
+        "device": f"{function.device:04x}",
+        "class": f"{function.class_code:06x}",
+        "header_type": function.header_type,
+        "command": function.command,
+        "driver": function.driver,
+        "driver_can_unbind": function.driver_can_unbind,
+        "driver_override": function.driver_override,
+        "parent": _optional_str(function.parent),
+        "physfn": _optional_str(function.physfn),
+        "enabled": function.enabled,
+        "reset_methods": list(function.reset_methods),
+        "has_reset": function.has_reset,
+        "has_reset_subordinate": function.has_reset_subordinate,
+    }
+
+
+def function_from_json(data: dict[str, Any]) -> PciFunction:
+    return PciFunction(
+        bdf=Bdf.parse(data["bdf"]),
+        vendor=int(data["vendor"], 16),
+        device=int(data["device"], 16),
+        class_code=int(data["class"], 16),
+        header_type=data["header_type"],
+        command=data["command"],
+        driver=data["driver"],
+        driver_can_unbind=bool(data["driver_can_unbind"]),
+        driver_override=data["driver_override"],
+        parent=_optional_bdf(data["parent"]),
+        physfn=_optional_bdf(data["physfn"]),
+        enabled=data["enabled"],
+        reset_methods=tuple(data["reset_methods"]),
+        has_reset=bool(data["has_reset"]),
+        has_reset_subordinate=bool(data["has_reset_subordinate"]),
+    )
+
+
+def snapshot_to_json(topology: Topology, facts: SystemFacts) -> dict[str, Any]:
+    return {
+        "format": FORMAT,
+        "version": VERSION,
+        "petitkexec": __version__,
+        "functions": [function_to_json(function) for function in topology],
+        "facts": {
+            "needed": {str(bdf): reason for bdf, reason in sorted(facts.needed.items())},
+            "lockdown": facts.lockdown,
+            "kexec_loaded": facts.kexec_loaded,
+        },
+    }
+
+
+def snapshot_from_json(data: Any, source: str = "<snapshot>") -> tuple[Topology, SystemFacts]:
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise SnapshotError(source, f"is not a {FORMAT} file")
+    if data.get("version") != VERSION:
+        raise SnapshotError(
+            source, f"has version {data.get('version')!r}; this petitkexec reads version {VERSION}"
+        )
+    try:
+        topology = Topology.from_functions(function_from_json(f) for f in data["functions"])
+        facts_data = data["facts"]
+        facts = SystemFacts(
+            needed={Bdf.parse(bdf): reason for bdf, reason in facts_data["needed"].items()},
+            lockdown=facts_data["lockdown"],
+            kexec_loaded=facts_data["kexec_loaded"],
+        )
+    except (KeyError, TypeError, ValueError) as error:
+        raise SnapshotError(source, f"is malformed ({type(error).__name__}: {error})") from error
+    return topology, facts
+
+
+def load_snapshot(path: Path) -> tuple[Topology, SystemFacts]:
+    try:
+        data = json.loads(path.read_text())
+    except OSError as error:
+        raise SnapshotError(str(path), f"cannot be read ({error.strerror})") from error
+    except json.JSONDecodeError as error:
+        raise SnapshotError(str(path), f"is not JSON ({error})") from error
+    return snapshot_from_json(data, str(path))
+
+
+def _optional_str(bdf: Bdf | None) -> str | None:
+    return None if bdf is None else str(bdf)
+
+
+def _optional_bdf(text: str | None) -> Bdf | None:
+    return None if text is None else Bdf.parse(text)

@@ -1,0 +1,61 @@
+# Shared by both guest inits (busybox sh). Sourced, not executed.
+export PATH=/usr/sbin:/usr/bin:/sbin:/bin
+export HOME=/root TERM=dumb
+
+uptime_s() { read -r up _ < /proc/uptime; echo "$up"; }
+
+mount_basics() {
+    mount -t proc proc /proc
+    mount -t sysfs sysfs /sys
+    mount -t devtmpfs devtmpfs /dev
+    mount -t securityfs securityfs /sys/kernel/security 2>/dev/null
+    mkdir -p /dev/pts /dev/shm /run /tmp /var/tmp /mnt
+    mount -t devpts devpts /dev/pts 2>/dev/null
+    mount -t tmpfs tmpfs /tmp
+    mount -t tmpfs tmpfs /run
+    ln -sf /proc/self/fd /dev/fd 2>/dev/null
+}
+
+# Modules in dependency order, computed on the host from modules.dep.
+load_modules() {
+    kver=$(uname -r)
+    while read -r ko; do
+        [ -n "$ko" ] || continue
+        if ! err=$(insmod "/lib/modules/$kver/$ko" 2>&1); then
+            echo "MODULE-FAIL $ko $err"
+        fi
+    done < /etc/modules.load
+}
+
+driver_of() { # $1 = sysfs device dir
+    if [ -L "$1/driver" ]; then basename "$(readlink "$1/driver")"; else echo -; fi
+}
+
+device_snapshot() {
+    for d in /sys/bus/pci/devices/*; do echo "$d $(driver_of "$d")"; done
+    ls /sys/block /sys/class/net /sys/bus/usb/devices 2>/dev/null
+}
+
+has_nvme_controller() {
+    grep -qx '0x010802' /sys/bus/pci/devices/*/class 2>/dev/null
+}
+
+# Wait until the set of bound drivers, block devices, interfaces and USB devices stops
+# changing (1 s without change), at most $1 seconds. An nvme controller's namespaces show
+# up after its asynchronous reset work, so wait for one of them too.
+settle() {
+    max_quarters=$(( $1 * 4 )); n=0; stable=0; prev=
+    while [ "$n" -lt "$max_quarters" ]; do
+        cur=$(device_snapshot | md5sum)
+        if [ "$cur" = "$prev" ]; then stable=$((stable + 1)); else stable=0; fi
+        prev=$cur
+        if [ "$stable" -ge 4 ]; then
+            if ! has_nvme_controller || ls -d /sys/block/nvme* >/dev/null 2>&1; then
+                return 0
+            fi
+        fi
+        sleep 0.25; n=$((n + 1))
+    done
+    echo "SETTLE-TIMEOUT after $1 s"
+    return 1
+}
