@@ -1,0 +1,286 @@
+"""The teardown against a simulated kernel that behaves as KERNEL-FACTS.md says."""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+
+from petitkexec.bdf import Bdf
+from petitkexec.execute import ExecutionOptions, Status, Teardown, TeardownReport
+from petitkexec.model import SystemFacts
+from petitkexec.plan import Action, build_plan
+from petitkexec.policy import Policy
+from tests.conftest import SimFactory
+from tests.simkernel import SimFunction, SimKernel, bridge
+
+
+def run(sim: SimKernel, policy: Policy | None = None, facts: SystemFacts | None = None,
+        **options: object) -> tuple[Teardown, TeardownReport]:
+    topology = sim.topology()
+    plan = build_plan(topology, policy or Policy(), facts or SystemFacts())
+    teardown = Teardown(sim.kernel, topology, plan, ExecutionOptions(**options))  # type: ignore[arg-type]
+    return teardown, teardown.run()
+
+
+def outcome(report: TeardownReport, bdf: str, action: Action | None = None):  # type: ignore[no-untyped-def]
+    for item in report.outcomes:
+        if str(item.step.bdf) == bdf and (action is None or item.step.action is action):
+            return item
+    raise AssertionError(f"no outcome for {bdf}")
+
+
+def unprotected(sim: SimKernel) -> list[str]:
+    return [f.bdf for f in sim.functions if sim.exists(f.bdf)]
+
+
+def test_default_teardown_leaves_every_function_without_driver_or_bus_master(make_sim: SimFactory
+                                                                           ) -> None:
+    sim = make_sim()
+    _, report = run(sim)
+    assert not report.failed
+    for bdf in unprotected(sim):
+        if bdf == "0000:00:1f.0":  # lpc_ich suppresses bind attrs: stays bound, BME cleared
+            assert sim.driver_of(bdf) == "lpc_ich"
+            assert not sim.bus_master_on(bdf)
+            continue
+        assert sim.driver_of(bdf) is None, bdf
+        assert not sim.bus_master_on(bdf), bdf
+
+
+def test_unbind_sets_driver_override_none_so_nothing_rebinds(make_sim: SimFactory) -> None:
+    sim = make_sim()
+    run(sim)
+    assert sim.attribute("0000:02:00.0", "driver_override") == "none"
+
+
+def test_driver_that_leaves_bus_master_on_gets_it_cleared_after_unbind(make_sim: SimFactory
+                                                                     ) -> None:
+    sim = make_sim()
+    _, report = run(sim)
+    e1000e = outcome(report, "0000:02:00.0")
+    assert e1000e.status is Status.DONE
+    assert "driver left bus master on" in e1000e.detail
+    assert e1000e.bus_master_after is False
+    xhci = outcome(report, "0000:03:00.0")  # pcim-managed: remove() disabled the device itself
+    assert xhci.detail == "unbound from xhci_hcd; bus master off"
+
+
+def test_vfs_are_unbound_before_their_pf_and_survive_until_then(make_sim: SimFactory) -> None:
+    sim = make_sim()
+    _, report = run(sim)
+    order = [str(o.step.bdf) for o in report.outcomes]
+    assert order.index("0000:01:00.1") < order.index("0000:01:00.0")
+    assert outcome(report, "0000:01:00.1").detail.startswith("unbound from nvme")
+
+
+def test_pf_unbind_removes_vfs_in_the_simulated_kernel(make_sim: SimFactory) -> None:
+    sim = make_sim()
+    run(sim)
+    assert not sim.exists("0000:01:00.1")
+    assert not sim.exists("0000:01:00.2")
+
+
+def test_driverless_bridge_with_bus_master_on_is_cleared(make_sim: SimFactory) -> None:
+    sim = make_sim()
+    _, report = run(sim)
+    assert outcome(report, "0000:00:02.3").detail == "bus master cleared"
+    assert sim.command_of("0000:00:02.3") == 0x0103
+
+
+def test_config_write_is_a_16_bit_read_modify_write_of_command(make_sim: SimFactory) -> None:
+    sim = make_sim()
+    run(sim)
+    writes = [w for w in sim.writes() if w["path"].endswith("0000:00:02.3/config")]
+    assert writes == [{"path": "bus/pci/devices/0000:00:02.3/config", "data": "0301",
+                       "offset": 4}]
+
+
+def test_dry_run_changes_nothing(make_sim: SimFactory) -> None:
+    sim = make_sim()
+    before = {bdf: (sim.driver_of(bdf), sim.command_of(bdf)) for bdf in unprotected(sim)}
+    _, report = run(sim, dry_run=True)
+    assert sim.writes() == []
+    assert {bdf: (sim.driver_of(bdf), sim.command_of(bdf)) for bdf in unprotected(sim)} == before
+    assert {o.status for o in report.outcomes} <= {Status.WOULD, Status.HELD}
+
+
+def test_protected_function_and_the_bridge_above_are_never_written(make_sim: SimFactory) -> None:
+    sim = make_sim()
+    facts = SystemFacts(needed={Bdf.parse("0000:01:00.0"): "backs / mounted rw"})
+    _, report = run(sim, facts=facts)
+    touched = {w["path"].split("/")[3] for w in sim.writes() if w["path"].startswith("bus/pci/dev")}
+    touched |= {w["data"] for w in sim.writes() if w["path"].endswith("unbind")}
+    assert "0000:01:00.0" not in touched
+    assert "0000:00:02.0" not in touched
+    assert sim.driver_of("0000:01:00.0") == "nvme"
+    assert outcome(report, "0000:00:02.0").step.action is Action.PROTECT
+
+
+def test_lockdown_falls_back_to_enable_for_driverless_functions(make_sim: SimFactory) -> None:
+    sim = make_sim(lockdown="integrity")
+    _, report = run(sim)
+    bridge_outcome = outcome(report, "0000:00:02.3")
+    assert bridge_outcome.status is Status.DONE
+    assert "through enable" in bridge_outcome.detail
+    assert not sim.bus_master_on("0000:00:02.3")
+    e1000e = outcome(report, "0000:02:00.0")  # unbound first, so `enable` is allowed
+    assert e1000e.status is Status.DONE and not sim.bus_master_on("0000:02:00.0")
+
+
+def test_lockdown_with_a_driver_that_cannot_unbind_reports_bus_master_left_on(
+        make_sim: SimFactory) -> None:
+    sim = make_sim(lockdown="integrity")
+    _, report = run(sim)
+    lpc = outcome(report, "0000:00:1f.0")
+    assert lpc.status is Status.FAILED
+    assert "lpc_ich is bound: bus master left on" in lpc.detail
+    assert sim.bus_master_on("0000:00:1f.0")
+    assert report.summary()["failed"] == ["0000:00:1f.0"]
+
+
+def test_disabled_driverless_function_is_enabled_then_disabled_under_lockdown(
+        make_sim: SimFactory) -> None:
+    sim = make_sim([SimFunction("0000:00:05.0", enabled=False, command=0x0004)],
+                   lockdown="integrity")
+    _, report = run(sim)
+    assert outcome(report, "0000:00:05.0").status is Status.DONE
+    assert sim.attribute("0000:00:05.0", "enable") == "0"
+    assert not sim.bus_master_on("0000:00:05.0")
+
+
+def test_hung_remove_hits_the_deadline_stops_and_rolls_back(make_sim: SimFactory) -> None:
+    sim = make_sim([
+        SimFunction("0000:00:03.0", driver="e1000e"),
+        SimFunction("0000:00:04.0", driver="virtio-pci", remove_hangs=True),
+        SimFunction("0000:00:05.0", driver="ahci"),
+    ])
+    _, report = run(sim, unbind_timeout_s=0.3)
+    assert report.hung == (Bdf.parse("0000:00:04.0"),)
+    assert outcome(report, "0000:00:04.0").status is Status.HUNG
+    assert "did not return within 0.3 s" in (report.stopped_because or "")
+    assert not report.handoff_safe
+    # nothing after the hung step was attempted, and the earlier unbind was undone
+    assert [str(o.step.bdf) for o in report.outcomes] == ["0000:00:03.0", "0000:00:04.0"]
+    assert sim.driver_of("0000:00:03.0") == "e1000e"
+    assert sim.attribute("0000:00:03.0", "driver_override") == "(null)"
+    assert sim.driver_of("0000:00:05.0") == "ahci"
+    assert [r.ok for r in report.rollback] == [True, True]
+
+
+def test_unbind_refused_by_the_kernel_is_a_failure_and_the_override_is_restored(
+        make_sim: SimFactory) -> None:
+    sim = make_sim([SimFunction("0000:00:03.0", driver="e1000e")])
+    sim.fail_write("0000:00:03.0", "unbind", errno.EBUSY)
+    _, report = run(sim)
+    failed = outcome(report, "0000:00:03.0")
+    assert failed.status is Status.FAILED and "still bound to e1000e" in failed.detail
+    assert "EBUSY" in failed.detail
+    assert sim.attribute("0000:00:03.0", "driver_override") == "(null)"
+
+
+def test_function_reading_ffff_is_reported_gone_and_the_run_goes_on(make_sim: SimFactory) -> None:
+    sim = make_sim([SimFunction("0000:00:03.0"), SimFunction("0000:00:04.0")])
+    topology = sim.topology()
+    plan = build_plan(topology, Policy(), SystemFacts())
+    sim.make_config_read_ffff("0000:00:03.0")  # frozen after discovery (EEH, link down)
+    report = Teardown(sim.kernel, topology, plan).run()
+    gone = outcome(report, "0000:00:03.0")
+    assert gone.status is Status.GONE and "0xffff" in gone.detail
+    assert report.summary()["gone"] == ["0000:00:03.0"]
+    assert not [w for w in sim.writes() if "0000:00:03.0" in w["path"]]
+    assert not sim.bus_master_on("0000:00:04.0")
+
+
+def test_function_reading_ffff_at_discovery_is_skipped_by_the_plan(make_sim: SimFactory) -> None:
+    sim = make_sim([SimFunction("0000:00:03.0")])
+    sim.make_config_read_ffff("0000:00:03.0")
+    plan = build_plan(sim.topology(), Policy(), SystemFacts())
+    assert str(plan.decision(Bdf.parse("0000:00:03.0"))) == \
+        "skip (no driver, config space unreadable)"
+
+
+def test_function_that_vanishes_before_its_step_is_reported_gone(make_sim: SimFactory) -> None:
+    sim = make_sim([SimFunction("0000:00:03.0", driver="e1000e"), SimFunction("0000:00:04.0")])
+    topology = sim.topology()
+    plan = build_plan(topology, Policy(), SystemFacts())
+    sim.vanish("0000:00:03.0")
+    report = Teardown(sim.kernel, topology, plan).run()
+    assert outcome(report, "0000:00:03.0").status is Status.GONE
+    assert not sim.bus_master_on("0000:00:04.0")
+    assert not report.failed
+
+
+def test_rollback_rebinds_drivers_and_restores_command(make_sim: SimFactory) -> None:
+    sim = make_sim()
+    before = {bdf: (sim.driver_of(bdf), sim.command_of(bdf)) for bdf in unprotected(sim)
+              if sim.by_bdf[bdf].physfn is None}
+    teardown, report = run(sim)
+    results = teardown.journal.rollback(sim.kernel)
+    vf_results = [r for r in results if str(r.undo.bdf) in ("0000:01:00.1", "0000:01:00.2")]
+    assert vf_results and not any(r.ok for r in vf_results)  # removed with their PF's SR-IOV
+    assert all(r.ok for r in results if r not in vf_results)
+    for bdf, (driver, command) in before.items():
+        assert sim.driver_of(bdf) == driver, bdf
+        assert sim.command_of(bdf) & 0x4 == command & 0x4, bdf
+        assert sim.attribute(bdf, "driver_override") == "(null)"
+
+
+def test_sigterm_during_teardown_stops_issuing_steps_and_rolls_back(make_sim: SimFactory) -> None:
+    sim = make_sim()
+    topology = sim.topology()
+    plan = build_plan(topology, Policy(), SystemFacts())
+
+    def signal_after_second(index: int, _total: int, _outcome: object) -> None:
+        if index == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    report = Teardown(sim.kernel, topology, plan, on_outcome=signal_after_second).run()
+    assert report.interrupted and report.stopped_because == "interrupted by SIGTERM"
+    assert len(report.outcomes) == 2
+    assert sim.driver_of("0000:01:00.1") == "nvme"  # the VF unbound first was rebound
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+def test_hot_reset_prefers_reset_subordinate_then_child_bus_reset(make_sim: SimFactory) -> None:
+    sim = make_sim()
+    _, report = run(sim, policy=Policy(hot_reset=True))
+    events = sim.events()
+    assert "0000:00:02.1 reset_subordinate" in events
+    assert "0000:03:00.0 reset:bus" in events
+    assert sim.attribute("0000:03:00.0", "reset_method") == "bus"
+    assert outcome(report, "0000:00:02.1", Action.RESET_BUS).status is Status.DONE
+
+
+def test_hot_reset_without_a_kernel_method_fails_unless_raw_sbr_allowed(make_sim: SimFactory
+                                                                      ) -> None:
+    functions = [bridge("0000:00:02.0"),
+                 SimFunction("0000:01:00.0", parent="0000:00:02.0", driver="e1000e",
+                             multifunction=True),
+                 SimFunction("0000:01:00.1", parent="0000:00:02.0", driver="e1000e")]
+    sim = make_sim(functions)
+    _, report = run(sim, policy=Policy(hot_reset=True))
+    refused = outcome(report, "0000:00:02.0", Action.RESET_BUS)
+    assert refused.status is Status.FAILED and "--raw-sbr" in refused.detail
+    assert "raw-sbr" not in " ".join(sim.events())
+
+
+def test_raw_sbr_toggles_bridge_control_when_allowed(make_sim: SimFactory) -> None:
+    functions = [bridge("0000:00:02.0"),
+                 SimFunction("0000:01:00.0", parent="0000:00:02.0", driver="e1000e")]
+    sim = make_sim(functions)
+    _, report = run(sim, policy=Policy(hot_reset=True), raw_sbr=True)
+    assert outcome(report, "0000:00:02.0", Action.RESET_BUS).status is Status.DONE
+    control_writes = [w["data"] for w in sim.writes() if w["offset"] == 0x3E]
+    assert control_writes == ["4000", "0000"]
+
+
+def test_raw_sbr_is_refused_on_powernv(make_sim: SimFactory) -> None:
+    functions = [bridge("0000:00:02.0", driver=None),
+                 SimFunction("0000:01:00.0", parent="0000:00:02.0", driver="e1000e")]
+    sim = make_sim(functions)
+    (sim.root / "firmware" / "opal").mkdir(parents=True)
+    _, report = run(sim, policy=Policy(hot_reset=True), raw_sbr=True)
+    refused = outcome(report, "0000:00:02.0", Action.RESET_BUS)
+    assert refused.status is Status.FAILED and "PowerNV" in refused.detail
+    assert not [w for w in sim.writes() if w["offset"] == 0x3E]
