@@ -1,0 +1,112 @@
+"""Discovery through pyudev on sysfs trees that umockdev's preload puts in place of /sys:
+simulated trees built here, and recordings of real machines (this host, the QEMU guest)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from petitkexec.bdf import Bdf
+from petitkexec.model import Topology
+from petitkexec.snapshot import snapshot_from_json
+from tests.conftest import SimFactory, q35_like
+from tests.simkernel import SimFunction
+
+RECORDINGS = Path(__file__).parent / "fixtures" / "umockdev"
+PRELOAD = "libumockdev-preload.so.0"
+
+pytestmark = pytest.mark.umockdev
+
+if shutil.which("umockdev-run") is None and os.environ.get("CI") != "true":
+    pytest.skip("umockdev is not installed (apt-get install umockdev)", allow_module_level=True)
+
+SNAPSHOT = [sys.executable, "-m", "petitkexec", "snapshot"]
+
+
+def snapshot_under_testbed(testbed: Path) -> Topology:
+    """`petitkexec snapshot` in a child whose /sys is the simulated tree under `testbed`."""
+    env = {**os.environ, "UMOCKDEV_DIR": str(testbed), "LD_PRELOAD": PRELOAD}
+    done = subprocess.run(SNAPSHOT, env=env, capture_output=True, text=True, check=True)
+    return snapshot_from_json(json.loads(done.stdout))[0]
+
+
+def replay(recording: Path, command: list[str]) -> subprocess.CompletedProcess[str]:
+    """Run `command` under umockdev-run with a recorded machine in place of /sys.
+
+    umockdev records devices, not /sys/bus/pci/drivers/*: the driver directories (with the
+    `unbind` file every driver without suppress_bind_attrs has) are put back first.
+    """
+    drivers = sorted(set(re.findall(r"^E: DRIVER=(\S+)$", recording.read_text(), re.M)))
+    make_drivers = " ".join(
+        f'mkdir -p "$UMOCKDEV_DIR/sys/bus/pci/drivers/{name}" && '
+        f'touch "$UMOCKDEV_DIR/sys/bus/pci/drivers/{name}/unbind" &&' for name in drivers)
+    script = f'{make_drivers} exec "$@"'
+    return subprocess.run(["umockdev-run", "-d", str(recording), "--", "sh", "-c", script,
+                           "replay", *command], capture_output=True, text=True, check=True)
+
+
+def test_discovery_of_the_simulated_q35_tree_matches_what_was_built(make_sim: SimFactory,
+                                                                    tmp_path: Path) -> None:
+    sim = make_sim()
+    discovered = snapshot_under_testbed(tmp_path)
+    assert list(discovered) == list(sim.topology())
+
+
+def test_discovery_knows_bridges_multifunction_and_vf_links(make_sim: SimFactory,
+                                                           tmp_path: Path) -> None:
+    make_sim()
+    topology = snapshot_under_testbed(tmp_path)
+    nvme = Bdf.parse("0000:01:00.0")
+    assert topology[Bdf.parse("0000:00:02.0")].is_bridge
+    assert topology[nvme].is_multifunction
+    assert topology.vfs(nvme) == (Bdf.parse("0000:01:00.1"), Bdf.parse("0000:01:00.2"))
+    assert topology[Bdf.parse("0000:04:01.0")].parent == Bdf.parse("0000:00:02.3")
+    assert not topology[Bdf.parse("0000:00:1f.0")].driver_can_unbind  # suppress_bind_attrs
+
+
+def test_discovery_works_with_the_64_bytes_of_config_a_non_root_user_reads(
+        make_sim: SimFactory, tmp_path: Path) -> None:
+    sim = make_sim()
+    for function in sim.functions:
+        config = sim.device_dir(function.bdf) / "config"
+        config.write_bytes(config.read_bytes()[:64])
+    assert list(snapshot_under_testbed(tmp_path)) == list(sim.topology())
+
+
+def test_discovery_with_unreadable_config_keeps_the_function_without_command(
+        make_sim: SimFactory, tmp_path: Path) -> None:
+    make_sim([SimFunction("0000:00:03.0", driver="e1000e")])
+    (tmp_path / "sys" / "bus" / "pci" / "devices" / "0000:00:03.0" / "config").unlink()
+    function = snapshot_under_testbed(tmp_path)[Bdf.parse("0000:00:03.0")]
+    assert function.command is None and function.driver == "e1000e"
+
+
+def test_replayed_host_recording_has_its_virtio_functions() -> None:
+    done = replay(RECORDINGS / "host.umockdev", SNAPSHOT)
+    topology, _facts = snapshot_from_json(json.loads(done.stdout))
+    assert [str(bdf) for bdf in topology.functions] == [
+        "0000:00:00.0", "0000:00:01.0", "0000:00:02.0", "0000:00:03.0", "0000:00:04.0",
+        "0000:00:05.0"]
+    disk = topology[Bdf.parse("0000:00:02.0")]
+    assert (disk.vendor_device, disk.class_code, disk.driver) == ("1af4:1042", 0x018000,
+                                                                  "virtio-pci")
+    # COMMAND comes from the recorded binary config, not pyudev's NUL-truncated copy
+    assert disk.command == 0x0406 and disk.bus_master_on
+    assert topology[Bdf.parse("0000:00:00.0")].driver is None
+
+
+def test_replayed_host_plan_unbinds_the_virtio_functions() -> None:
+    done = replay(RECORDINGS / "host.umockdev",
+                  [sys.executable, "-m", "petitkexec", "plan", "--json", "--exclude",
+                   "0000:00:02.0"])
+    steps = {step["bdf"]: step for step in json.loads(done.stdout)["steps"]}
+    assert steps["0000:00:03.0"]["action"] == "unbind"
+    assert steps["0000:00:03.0"]["reason"] == "virtio-pci, has unbind"
+    assert steps["0000:00:00.0"]["action"] == "skip"
