@@ -14,24 +14,70 @@ def q35_like() -> list[SimFunction]:
         SimFunction("0000:00:00.0", 0x8086, 0x29C0, 0x060000, command=0x0000),
         SimFunction("0000:00:01.0", 0x1234, 0x1111, 0x030000, command=0x0003),  # VGA, no driver
         bridge("0000:00:02.0"),
-        SimFunction("0000:01:00.0", 0x1B36, 0x0010, 0x010802, parent="0000:00:02.0",
-                    driver="nvme", multifunction=True, reset_methods=("flr", "bus")),
-        SimFunction("0000:01:00.1", 0x1B36, 0x0010, 0x010802, parent="0000:00:02.0",
-                    physfn="0000:01:00.0", driver="nvme"),
-        SimFunction("0000:01:00.2", 0x1B36, 0x0010, 0x010802, parent="0000:00:02.0",
-                    physfn="0000:01:00.0", driver="nvme"),
+        SimFunction(
+            "0000:01:00.0",
+            0x1B36,
+            0x0010,
+            0x010802,
+            parent="0000:00:02.0",
+            driver="nvme",
+            multifunction=True,
+            reset_methods=("flr", "bus"),
+        ),
+        SimFunction(
+            "0000:01:00.1",
+            0x1B36,
+            0x0010,
+            0x010802,
+            parent="0000:00:02.0",
+            physfn="0000:01:00.0",
+            driver="nvme",
+        ),
+        SimFunction(
+            "0000:01:00.2",
+            0x1B36,
+            0x0010,
+            0x010802,
+            parent="0000:00:02.0",
+            physfn="0000:01:00.0",
+            driver="nvme",
+        ),
         bridge("0000:00:02.1", reset_subordinate=True),
-        SimFunction("0000:02:00.0", 0x8086, 0x10D3, 0x020000, parent="0000:00:02.1",
-                    driver="e1000e", reset_methods=("flr", "pm", "bus")),
+        SimFunction(
+            "0000:02:00.0",
+            0x8086,
+            0x10D3,
+            0x020000,
+            parent="0000:00:02.1",
+            driver="e1000e",
+            reset_methods=("flr", "pm", "bus"),
+        ),
         bridge("0000:00:02.2"),
-        SimFunction("0000:03:00.0", 0x1B36, 0x000D, 0x0C0330, parent="0000:00:02.2",
-                    driver="xhci_hcd", remove_clears_master=True, reset_methods=("bus",)),
+        SimFunction(
+            "0000:03:00.0",
+            0x1B36,
+            0x000D,
+            0x0C0330,
+            parent="0000:00:02.2",
+            driver="xhci_hcd",
+            remove_clears_master=True,
+            reset_methods=("bus",),
+        ),
         bridge("0000:00:02.3", driver=None, command=0x0107, device=0x000E),  # pcie-pci-bridge
-        SimFunction("0000:04:01.0", 0x8086, 0x100E, 0x020000, parent="0000:00:02.3",
-                    driver="e1000"),
+        SimFunction(
+            "0000:04:01.0", 0x8086, 0x100E, 0x020000, parent="0000:00:02.3", driver="e1000"
+        ),
         SimFunction("0000:00:03.0", 0x1AF4, 0x1044, 0x00FF00, driver="virtio-pci"),
-        SimFunction("0000:00:1f.0", 0x8086, 0x2918, 0x060100, driver="lpc_ich", can_unbind=False,
-                    command=0x0007, multifunction=True),
+        SimFunction(
+            "0000:00:1f.0",
+            0x8086,
+            0x2918,
+            0x060100,
+            driver="lpc_ich",
+            can_unbind=False,
+            command=0x0007,
+            multifunction=True,
+        ),
         SimFunction("0000:00:1f.2", 0x8086, 0x2922, 0x010601, driver="ahci"),
         SimFunction("0000:00:1f.3", 0x8086, 0x2930, 0x0C0500, command=0x0003),
     ]
@@ -43,7 +89,6 @@ SimFactory = Callable[..., SimKernel]
 @pytest.fixture
 def make_sim(tmp_path: Path) -> SimFactory:
     def make(functions: list[SimFunction] | None = None, **kwargs: object) -> SimKernel:
-        return SimKernel(tmp_path / "sys", q35_like() if functions is None else functions,
-                         **kwargs)  # type: ignore[arg-type]
+        return SimKernel(tmp_path / "sys", q35_like() if functions is None else functions, **kwargs)  # type: ignore[arg-type]
 
     return make

@@ -64,9 +64,15 @@ class SimFunction:
 
 def bridge(bdf: str, parent: str | None = None, **kwargs: object) -> SimFunction:
     """A root port bound to pcieport, as q35 shows it (COMMAND 0x0507)."""
-    defaults: dict[str, object] = dict(vendor=0x1B36, device=0x000C, class_code=0x060400,
-                                       bridge=True, driver="pcieport", command=0x0507,
-                                       remove_clears_master=True)
+    defaults: dict[str, object] = dict(
+        vendor=0x1B36,
+        device=0x000C,
+        class_code=0x060400,
+        bridge=True,
+        driver="pcieport",
+        command=0x0507,
+        remove_clears_master=True,
+    )
     defaults.update(kwargs)
     return SimFunction(bdf, parent=parent, **defaults)  # type: ignore[arg-type]
 
@@ -112,18 +118,23 @@ class SimKernel:
         directory.mkdir(parents=True, exist_ok=True)
         config = bytearray(256)
         # VFs read 0xffff as vendor/device in config; sysfs `vendor` comes from the PF.
-        ids = b"\xff\xff\xff\xff" if function.physfn else (
-            function.vendor.to_bytes(2, "little") + function.device.to_bytes(2, "little"))
+        ids = (
+            b"\xff\xff\xff\xff"
+            if function.physfn
+            else (function.vendor.to_bytes(2, "little") + function.device.to_bytes(2, "little"))
+        )
         config[0:4] = ids
         config[4:6] = function.command.to_bytes(2, "little")
         config[9:12] = function.class_code.to_bytes(3, "little")
         config[0x0E] = (0x80 if function.multifunction else 0) | (1 if function.bridge else 0)
         (directory / "config").write_bytes(bytes(config))
-        for name, value in (("vendor", f"0x{function.vendor:04x}"),
-                            ("device", f"0x{function.device:04x}"),
-                            ("class", f"0x{function.class_code:06x}"),
-                            ("driver_override", "(null)"),
-                            ("enable", "1" if function.enabled else "0")):
+        for name, value in (
+            ("vendor", f"0x{function.vendor:04x}"),
+            ("device", f"0x{function.device:04x}"),
+            ("class", f"0x{function.class_code:06x}"),
+            ("driver_override", "(null)"),
+            ("enable", "1" if function.enabled else "0"),
+        ):
             (directory / name).write_text(value + "\n")
         self._set_enable_count(function.bdf, 1 if function.enabled else 0)
         if function.reset_methods:
@@ -146,10 +157,12 @@ class SimKernel:
             self._attach(function.bdf, function.driver, can_unbind=function.can_unbind)
 
     def _write_uevent(self, function: SimFunction, driver: str | None) -> None:
-        lines = [f"PCI_CLASS={function.class_code:X}",
-                 f"PCI_ID={function.vendor:04X}:{function.device:04X}",
-                 f"PCI_SLOT_NAME={function.bdf}",
-                 f"MODALIAS=pci:v{function.vendor:08X}d{function.device:08X}"]
+        lines = [
+            f"PCI_CLASS={function.class_code:X}",
+            f"PCI_ID={function.vendor:04X}:{function.device:04X}",
+            f"PCI_SLOT_NAME={function.bdf}",
+            f"MODALIAS=pci:v{function.vendor:08X}d{function.device:08X}",
+        ]
         if driver is not None:
             lines.insert(0, f"DRIVER={driver}")
         (self._physical_dir(function) / "uevent").write_text("\n".join(lines) + "\n")
@@ -183,15 +196,24 @@ class SimKernel:
         """What discovery should find (tests/test_discovery.py checks it against pyudev)."""
         return Topology.from_functions(
             PciFunction(
-                bdf=f.address, vendor=f.vendor, device=f.device, class_code=f.class_code,
+                bdf=f.address,
+                vendor=f.vendor,
+                device=f.device,
+                class_code=f.class_code,
                 header_type=(0x80 if f.multifunction else 0) | (1 if f.bridge else 0),
-                command=self.command_of(f.bdf), driver=self.driver_of(f.bdf),
+                command=self.command_of(f.bdf),
+                driver=self.driver_of(f.bdf),
                 driver_can_unbind=self.driver_of(f.bdf) is not None and f.can_unbind,
-                driver_override=None, parent=_optional(f.parent), physfn=_optional(f.physfn),
-                enabled=self.attribute(f.bdf, "enable") == "1", reset_methods=f.reset_methods,
-                has_reset=bool(f.reset_methods), has_reset_subordinate=f.reset_subordinate,
+                driver_override=None,
+                parent=_optional(f.parent),
+                physfn=_optional(f.physfn),
+                enabled=self.attribute(f.bdf, "enable") == "1",
+                reset_methods=f.reset_methods,
+                has_reset=bool(f.reset_methods),
+                has_reset_subordinate=f.reset_subordinate,
             )
-            for f in self.functions if self.exists(f.bdf)
+            for f in self.functions
+            if self.exists(f.bdf)
         )
 
     def driver_of(self, bdf: str) -> str | None:
@@ -247,8 +269,16 @@ class SimKernel:
         relative = path.relative_to(self.root)
         text = data.decode(errors="replace").strip()
         with (self.state / "writes.log").open("a") as log:
-            log.write(json.dumps({"path": str(relative), "data": data.hex() if
-                                  relative.name == "config" else text, "offset": offset}) + "\n")
+            log.write(
+                json.dumps(
+                    {
+                        "path": str(relative),
+                        "data": data.hex() if relative.name == "config" else text,
+                        "offset": offset,
+                    }
+                )
+                + "\n"
+            )
         if relative.parts[:3] == ("bus", "pci", "drivers"):
             driver, action = relative.parts[3], relative.parts[4]
             self._check_fault(text, action)
@@ -294,8 +324,9 @@ class SimKernel:
         self._set_command(bdf, self.command_of(bdf) | MASTER)  # probe: pci_set_master()
         self._set_enable_count(bdf, self._enable_count(bdf) + 1)
 
-    def _write_driver_override(self, bdf: str, text: str, _data: bytes, _offset: int | None
-                               ) -> None:
+    def _write_driver_override(
+        self, bdf: str, text: str, _data: bytes, _offset: int | None
+    ) -> None:
         (self.device_dir(bdf) / "driver_override").write_text((text or "(null)") + "\n")
 
     def _write_config(self, bdf: str, _text: str, data: bytes, offset: int | None) -> None:
@@ -303,7 +334,7 @@ class SimKernel:
             raise OSError(errno.EPERM, "Operation not permitted")  # security_locked_down()
         config = bytearray((self.device_dir(bdf) / "config").read_bytes())
         start = offset or 0
-        config[start:start + len(data)] = data
+        config[start : start + len(data)] = data
         (self.device_dir(bdf) / "config").write_bytes(bytes(config))
         if start == PCI_BRIDGE_CONTROL and data[0] & PCI_BRIDGE_CTL_BUS_RESET:
             self._log_event(bdf, "raw-sbr")
@@ -321,8 +352,7 @@ class SimKernel:
             if count == 1:
                 self._disable(bdf)
 
-    def _write_reset_method(self, bdf: str, text: str, _data: bytes, _offset: int | None
-                            ) -> None:
+    def _write_reset_method(self, bdf: str, text: str, _data: bytes, _offset: int | None) -> None:
         methods = self.by_bdf[bdf].reset_methods if text == "default" else tuple(text.split())
         if not set(methods) <= set(self.by_bdf[bdf].reset_methods):
             raise OSError(errno.EINVAL, "Invalid argument")
@@ -332,8 +362,9 @@ class SimKernel:
         # pci_reset_function(): save config, reset with the first method, restore config.
         self._log_event(bdf, "reset:" + self.attribute(bdf, "reset_method").split()[0])
 
-    def _write_reset_subordinate(self, bdf: str, _text: str, _data: bytes,
-                                 _offset: int | None) -> None:
+    def _write_reset_subordinate(
+        self, bdf: str, _text: str, _data: bytes, _offset: int | None
+    ) -> None:
         self._log_event(bdf, "reset_subordinate")
 
     def _log_event(self, bdf: str, event: str) -> None:
@@ -341,8 +372,9 @@ class SimKernel:
             log.write(json.dumps({"path": f"event/{bdf}", "data": event, "offset": None}) + "\n")
 
     def events(self) -> list[str]:
-        return [f"{w['path'][6:]} {w['data']}" for w in self.writes() if w["path"].startswith(
-            "event/")]
+        return [
+            f"{w['path'][6:]} {w['data']}" for w in self.writes() if w["path"].startswith("event/")
+        ]
 
     # -- helpers -----------------------------------------------------------------------------
 

@@ -21,8 +21,9 @@ def environment(sim: SimKernel, tmp_path: Path, euid: int = 0) -> Environment:
     proc = tmp_path / "proc"
     (proc / "self").mkdir(parents=True, exist_ok=True)
     (proc / "self" / "mountinfo").write_text(ROOT_MOUNT)
-    return Environment(sysfs_root=sim.root, proc_root=proc, discover=sim.topology, writer=sim,
-                       euid=euid)
+    return Environment(
+        sysfs_root=sim.root, proc_root=proc, discover=sim.topology, writer=sim, euid=euid
+    )
 
 
 def invoke(env: Environment, *args: str) -> Result:
@@ -35,28 +36,34 @@ def fake_kexec(tmp_path: Path, sim: SimKernel, returncode: int = 1) -> Path:
     script.write_text(
         "#!/bin/sh\n"
         f'echo "$@" > {tmp_path}/kexec-args\n'
-        f"find {sim.root}/bus/pci/drivers -mindepth 2 -type l | wc -l > {tmp_path}/bound-at-handoff\n"
-        f"exit {returncode}\n")
+        f"find {sim.root}/bus/pci/drivers -mindepth 2 -type l | wc -l"
+        f" > {tmp_path}/bound-at-handoff\n"
+        f"exit {returncode}\n"
+    )
     script.chmod(script.stat().st_mode | stat.S_IEXEC)
     return script
 
 
-def test_plan_prints_a_tree_with_every_function_and_its_action(make_sim: SimFactory,
-                                                                tmp_path: Path) -> None:
+def test_plan_prints_a_tree_with_every_function_and_its_action(
+    make_sim: SimFactory, tmp_path: Path
+) -> None:
     sim = make_sim()
     result = invoke(environment(sim, tmp_path), "plan")
     assert result.exit_code == 0
     for function in sim.functions:
         assert function.bdf in result.stdout
     assert "├─ 0000:00:02.0 1b36:000c class 060400 driver pcieport [bridge]" in result.stdout
-    assert "│  ├─ 0000:01:00.0 1b36:0010 class 010802 driver nvme  →  unbind (nvme, has " \
-           "unbind)" in result.stdout
+    assert (
+        "│  ├─ 0000:01:00.0 1b36:0010 class 010802 driver nvme  →  unbind (nvme, has "
+        "unbind)" in result.stdout
+    )
     assert "clear-bus-master (no driver, BME on)" in result.stdout
     assert "16 functions:" in result.stdout
 
 
 def test_plan_json_lists_steps_in_execution_order_and_logs_stay_off_stdout(
-        make_sim: SimFactory, tmp_path: Path) -> None:
+    make_sim: SimFactory, tmp_path: Path
+) -> None:
     sim = make_sim()
     result = invoke(environment(sim, tmp_path), "-v", "plan", "--json")
     data = json.loads(result.stdout)
@@ -71,11 +78,13 @@ def test_plan_exclude_keeps_matching_functions(make_sim: SimFactory, tmp_path: P
     assert "keep (excluded by --exclude 0000:00:1f.*)" in result.stdout
 
 
-@pytest.mark.parametrize(("option", "value"), [("--exclude", "0000:zz:00.0"),
-                                               ("--only", "80861:10d3"),
-                                               ("--unprotect", "class:xyz")])
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [("--exclude", "0000:zz:00.0"), ("--only", "80861:10d3"), ("--unprotect", "class:xyz")],
+)
 def test_bad_spec_is_one_line_naming_option_and_value_with_exit_2(
-        make_sim: SimFactory, tmp_path: Path, option: str, value: str) -> None:
+    make_sim: SimFactory, tmp_path: Path, option: str, value: str
+) -> None:
     result = invoke(environment(make_sim(), tmp_path), "plan", option, value)
     assert result.exit_code == ExitCode.USAGE
     assert result.stderr.splitlines()[0].startswith(f"petitkexec: {option}: {value!r} ")
@@ -90,14 +99,16 @@ def test_config_file_excludes_like_the_option(make_sim: SimFactory, tmp_path: Pa
     assert "reset-bus (bridge, --hot-reset)" in result.stdout
 
 
-def test_snapshot_then_plan_from_it_gives_the_same_plan(make_sim: SimFactory,
-                                                        tmp_path: Path) -> None:
+def test_snapshot_then_plan_from_it_gives_the_same_plan(
+    make_sim: SimFactory, tmp_path: Path
+) -> None:
     env = environment(make_sim(), tmp_path)
     snapshot = tmp_path / "snap.json"
     assert invoke(env, "snapshot", "-o", str(snapshot)).exit_code == 0
     live = invoke(env, "plan", "--json").stdout
-    offline = invoke(Environment(discover=_no_discovery), "plan", "--json", "--snapshot",
-                     str(snapshot)).stdout
+    offline = invoke(
+        Environment(discover=_no_discovery), "plan", "--json", "--snapshot", str(snapshot)
+    ).stdout
     assert json.loads(offline)["steps"] == json.loads(live)["steps"]
 
 
@@ -105,8 +116,7 @@ def _no_discovery():  # type: ignore[no-untyped-def]
     raise AssertionError("plan --snapshot must not discover")
 
 
-def test_teardown_prints_each_step_and_a_json_summary(make_sim: SimFactory,
-                                                      tmp_path: Path) -> None:
+def test_teardown_prints_each_step_and_a_json_summary(make_sim: SimFactory, tmp_path: Path) -> None:
     sim = make_sim()
     result = invoke(environment(sim, tmp_path), "teardown", "--json")
     assert result.exit_code == ExitCode.OK
@@ -116,8 +126,9 @@ def test_teardown_prints_each_step_and_a_json_summary(make_sim: SimFactory,
     assert "[ 1/16] 0000:01:00.1 unbind" in result.stderr
 
 
-def test_teardown_refuses_without_root_and_touches_nothing(make_sim: SimFactory,
-                                                           tmp_path: Path) -> None:
+def test_teardown_refuses_without_root_and_touches_nothing(
+    make_sim: SimFactory, tmp_path: Path
+) -> None:
     sim = make_sim()
     result = invoke(environment(sim, tmp_path, euid=1000), "teardown")
     assert result.exit_code == ExitCode.PREFLIGHT_REFUSED
@@ -125,18 +136,19 @@ def test_teardown_refuses_without_root_and_touches_nothing(make_sim: SimFactory,
     assert sim.writes() == []
 
 
-def test_exec_refuses_when_no_kernel_is_loaded_and_touches_nothing(make_sim: SimFactory,
-                                                                   tmp_path: Path) -> None:
+def test_exec_refuses_when_no_kernel_is_loaded_and_touches_nothing(
+    make_sim: SimFactory, tmp_path: Path
+) -> None:
     sim = make_sim(kexec_loaded=False)
-    result = invoke(environment(sim, tmp_path), "exec", "--kexec",
-                    str(fake_kexec(tmp_path, sim)))
+    result = invoke(environment(sim, tmp_path), "exec", "--kexec", str(fake_kexec(tmp_path, sim)))
     assert result.exit_code == ExitCode.PREFLIGHT_REFUSED
     assert "no kernel is loaded" in result.stderr and "hint: pass --load" in result.stderr
     assert sim.writes() == []
 
 
-def test_exec_dry_run_changes_nothing_and_says_what_it_would_run(make_sim: SimFactory,
-                                                                 tmp_path: Path) -> None:
+def test_exec_dry_run_changes_nothing_and_says_what_it_would_run(
+    make_sim: SimFactory, tmp_path: Path
+) -> None:
     sim = make_sim()
     kexec = fake_kexec(tmp_path, sim)
     result = invoke(environment(sim, tmp_path), "exec", "--dry-run", "--kexec", str(kexec))
@@ -147,7 +159,8 @@ def test_exec_dry_run_changes_nothing_and_says_what_it_would_run(make_sim: SimFa
 
 
 def test_exec_tears_down_then_runs_kexec_e_and_rolls_back_when_it_returns(
-        make_sim: SimFactory, tmp_path: Path) -> None:
+    make_sim: SimFactory, tmp_path: Path
+) -> None:
     sim = make_sim()
     kexec = fake_kexec(tmp_path, sim, returncode=1)
     result = invoke(environment(sim, tmp_path), "exec", "--kexec", str(kexec), "--", "-x")
@@ -160,8 +173,9 @@ def test_exec_tears_down_then_runs_kexec_e_and_rolls_back_when_it_returns(
     assert sim.driver_of("0000:01:00.0") == "nvme"
 
 
-def test_exec_strict_does_not_hand_off_after_a_failed_step(make_sim: SimFactory,
-                                                           tmp_path: Path) -> None:
+def test_exec_strict_does_not_hand_off_after_a_failed_step(
+    make_sim: SimFactory, tmp_path: Path
+) -> None:
     sim = make_sim(lockdown="integrity")  # lpc_ich's bus master cannot be cleared
     kexec = fake_kexec(tmp_path, sim)
     result = invoke(environment(sim, tmp_path), "exec", "--strict", "--kexec", str(kexec))

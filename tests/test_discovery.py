@@ -16,7 +16,7 @@ import pytest
 from petitkexec.bdf import Bdf
 from petitkexec.model import Topology
 from petitkexec.snapshot import snapshot_from_json
-from tests.conftest import SimFactory, q35_like
+from tests.conftest import SimFactory
 from tests.simkernel import SimFunction
 
 RECORDINGS = Path(__file__).parent / "fixtures" / "umockdev"
@@ -46,21 +46,29 @@ def replay(recording: Path, command: list[str]) -> subprocess.CompletedProcess[s
     drivers = sorted(set(re.findall(r"^E: DRIVER=(\S+)$", recording.read_text(), re.M)))
     make_drivers = " ".join(
         f'mkdir -p "$UMOCKDEV_DIR/sys/bus/pci/drivers/{name}" && '
-        f'touch "$UMOCKDEV_DIR/sys/bus/pci/drivers/{name}/unbind" &&' for name in drivers)
+        f'touch "$UMOCKDEV_DIR/sys/bus/pci/drivers/{name}/unbind" &&'
+        for name in drivers
+    )
     script = f'{make_drivers} exec "$@"'
-    return subprocess.run(["umockdev-run", "-d", str(recording), "--", "sh", "-c", script,
-                           "replay", *command], capture_output=True, text=True, check=True)
+    return subprocess.run(
+        ["umockdev-run", "-d", str(recording), "--", "sh", "-c", script, "replay", *command],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
 
 
-def test_discovery_of_the_simulated_q35_tree_matches_what_was_built(make_sim: SimFactory,
-                                                                    tmp_path: Path) -> None:
+def test_discovery_of_the_simulated_q35_tree_matches_what_was_built(
+    make_sim: SimFactory, tmp_path: Path
+) -> None:
     sim = make_sim()
     discovered = snapshot_under_testbed(tmp_path)
     assert list(discovered) == list(sim.topology())
 
 
-def test_discovery_knows_bridges_multifunction_and_vf_links(make_sim: SimFactory,
-                                                           tmp_path: Path) -> None:
+def test_discovery_knows_bridges_multifunction_and_vf_links(
+    make_sim: SimFactory, tmp_path: Path
+) -> None:
     make_sim()
     topology = snapshot_under_testbed(tmp_path)
     nvme = Bdf.parse("0000:01:00.0")
@@ -72,7 +80,8 @@ def test_discovery_knows_bridges_multifunction_and_vf_links(make_sim: SimFactory
 
 
 def test_discovery_works_with_the_64_bytes_of_config_a_non_root_user_reads(
-        make_sim: SimFactory, tmp_path: Path) -> None:
+    make_sim: SimFactory, tmp_path: Path
+) -> None:
     sim = make_sim()
     for function in sim.functions:
         config = sim.device_dir(function.bdf) / "config"
@@ -81,7 +90,8 @@ def test_discovery_works_with_the_64_bytes_of_config_a_non_root_user_reads(
 
 
 def test_discovery_with_unreadable_config_keeps_the_function_without_command(
-        make_sim: SimFactory, tmp_path: Path) -> None:
+    make_sim: SimFactory, tmp_path: Path
+) -> None:
     make_sim([SimFunction("0000:00:03.0", driver="e1000e")])
     (tmp_path / "sys" / "bus" / "pci" / "devices" / "0000:00:03.0" / "config").unlink()
     function = snapshot_under_testbed(tmp_path)[Bdf.parse("0000:00:03.0")]
@@ -92,20 +102,29 @@ def test_replayed_host_recording_has_its_virtio_functions() -> None:
     done = replay(RECORDINGS / "host.umockdev", SNAPSHOT)
     topology, _facts = snapshot_from_json(json.loads(done.stdout))
     assert [str(bdf) for bdf in topology.functions] == [
-        "0000:00:00.0", "0000:00:01.0", "0000:00:02.0", "0000:00:03.0", "0000:00:04.0",
-        "0000:00:05.0"]
+        "0000:00:00.0",
+        "0000:00:01.0",
+        "0000:00:02.0",
+        "0000:00:03.0",
+        "0000:00:04.0",
+        "0000:00:05.0",
+    ]
     disk = topology[Bdf.parse("0000:00:02.0")]
-    assert (disk.vendor_device, disk.class_code, disk.driver) == ("1af4:1042", 0x018000,
-                                                                  "virtio-pci")
+    assert (disk.vendor_device, disk.class_code, disk.driver) == (
+        "1af4:1042",
+        0x018000,
+        "virtio-pci",
+    )
     # COMMAND comes from the recorded binary config, not pyudev's NUL-truncated copy
     assert disk.command == 0x0406 and disk.bus_master_on
     assert topology[Bdf.parse("0000:00:00.0")].driver is None
 
 
 def test_replayed_host_plan_unbinds_the_virtio_functions() -> None:
-    done = replay(RECORDINGS / "host.umockdev",
-                  [sys.executable, "-m", "petitkexec", "plan", "--json", "--exclude",
-                   "0000:00:02.0"])
+    done = replay(
+        RECORDINGS / "host.umockdev",
+        [sys.executable, "-m", "petitkexec", "plan", "--json", "--exclude", "0000:00:02.0"],
+    )
     steps = {step["bdf"]: step for step in json.loads(done.stdout)["steps"]}
     assert steps["0000:00:03.0"]["action"] == "unbind"
     assert steps["0000:00:03.0"]["reason"] == "virtio-pci, has unbind"

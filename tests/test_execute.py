@@ -15,8 +15,12 @@ from tests.conftest import SimFactory
 from tests.simkernel import SimFunction, SimKernel, bridge
 
 
-def run(sim: SimKernel, policy: Policy | None = None, facts: SystemFacts | None = None,
-        **options: object) -> tuple[Teardown, TeardownReport]:
+def run(
+    sim: SimKernel,
+    policy: Policy | None = None,
+    facts: SystemFacts | None = None,
+    **options: object,
+) -> tuple[Teardown, TeardownReport]:
     topology = sim.topology()
     plan = build_plan(topology, policy or Policy(), facts or SystemFacts())
     teardown = Teardown(sim.kernel, topology, plan, ExecutionOptions(**options))  # type: ignore[arg-type]
@@ -34,8 +38,9 @@ def unprotected(sim: SimKernel) -> list[str]:
     return [f.bdf for f in sim.functions if sim.exists(f.bdf)]
 
 
-def test_default_teardown_leaves_every_function_without_driver_or_bus_master(make_sim: SimFactory
-                                                                           ) -> None:
+def test_default_teardown_leaves_every_function_without_driver_or_bus_master(
+    make_sim: SimFactory,
+) -> None:
     sim = make_sim()
     _, report = run(sim)
     assert not report.failed
@@ -54,8 +59,9 @@ def test_unbind_sets_driver_override_none_so_nothing_rebinds(make_sim: SimFactor
     assert sim.attribute("0000:02:00.0", "driver_override") == "none"
 
 
-def test_driver_that_leaves_bus_master_on_gets_it_cleared_after_unbind(make_sim: SimFactory
-                                                                     ) -> None:
+def test_driver_that_leaves_bus_master_on_gets_it_cleared_after_unbind(
+    make_sim: SimFactory,
+) -> None:
     sim = make_sim()
     _, report = run(sim)
     e1000e = outcome(report, "0000:02:00.0")
@@ -92,8 +98,7 @@ def test_config_write_is_a_16_bit_read_modify_write_of_command(make_sim: SimFact
     sim = make_sim()
     run(sim)
     writes = [w for w in sim.writes() if w["path"].endswith("0000:00:02.3/config")]
-    assert writes == [{"path": "bus/pci/devices/0000:00:02.3/config", "data": "0301",
-                       "offset": 4}]
+    assert writes == [{"path": "bus/pci/devices/0000:00:02.3/config", "data": "0301", "offset": 4}]
 
 
 def test_dry_run_changes_nothing(make_sim: SimFactory) -> None:
@@ -129,7 +134,8 @@ def test_lockdown_falls_back_to_enable_for_driverless_functions(make_sim: SimFac
 
 
 def test_lockdown_with_a_driver_that_cannot_unbind_reports_bus_master_left_on(
-        make_sim: SimFactory) -> None:
+    make_sim: SimFactory,
+) -> None:
     sim = make_sim(lockdown="integrity")
     _, report = run(sim)
     lpc = outcome(report, "0000:00:1f.0")
@@ -140,9 +146,11 @@ def test_lockdown_with_a_driver_that_cannot_unbind_reports_bus_master_left_on(
 
 
 def test_disabled_driverless_function_is_enabled_then_disabled_under_lockdown(
-        make_sim: SimFactory) -> None:
-    sim = make_sim([SimFunction("0000:00:05.0", enabled=False, command=0x0004)],
-                   lockdown="integrity")
+    make_sim: SimFactory,
+) -> None:
+    sim = make_sim(
+        [SimFunction("0000:00:05.0", enabled=False, command=0x0004)], lockdown="integrity"
+    )
     _, report = run(sim)
     assert outcome(report, "0000:00:05.0").status is Status.DONE
     assert sim.attribute("0000:00:05.0", "enable") == "0"
@@ -150,11 +158,13 @@ def test_disabled_driverless_function_is_enabled_then_disabled_under_lockdown(
 
 
 def test_hung_remove_hits_the_deadline_stops_and_rolls_back(make_sim: SimFactory) -> None:
-    sim = make_sim([
-        SimFunction("0000:00:03.0", driver="e1000e"),
-        SimFunction("0000:00:04.0", driver="virtio-pci", remove_hangs=True),
-        SimFunction("0000:00:05.0", driver="ahci"),
-    ])
+    sim = make_sim(
+        [
+            SimFunction("0000:00:03.0", driver="e1000e"),
+            SimFunction("0000:00:04.0", driver="virtio-pci", remove_hangs=True),
+            SimFunction("0000:00:05.0", driver="ahci"),
+        ]
+    )
     _, report = run(sim, unbind_timeout_s=0.3)
     assert report.hung == (Bdf.parse("0000:00:04.0"),)
     assert outcome(report, "0000:00:04.0").status is Status.HUNG
@@ -169,7 +179,8 @@ def test_hung_remove_hits_the_deadline_stops_and_rolls_back(make_sim: SimFactory
 
 
 def test_unbind_refused_by_the_kernel_is_a_failure_and_the_override_is_restored(
-        make_sim: SimFactory) -> None:
+    make_sim: SimFactory,
+) -> None:
     sim = make_sim([SimFunction("0000:00:03.0", driver="e1000e")])
     sim.fail_write("0000:00:03.0", "unbind", errno.EBUSY)
     _, report = run(sim)
@@ -196,8 +207,9 @@ def test_function_reading_ffff_at_discovery_is_skipped_by_the_plan(make_sim: Sim
     sim = make_sim([SimFunction("0000:00:03.0")])
     sim.make_config_read_ffff("0000:00:03.0")
     plan = build_plan(sim.topology(), Policy(), SystemFacts())
-    assert str(plan.decision(Bdf.parse("0000:00:03.0"))) == \
-        "skip (no driver, config space unreadable)"
+    assert (
+        str(plan.decision(Bdf.parse("0000:00:03.0"))) == "skip (no driver, config space unreadable)"
+    )
 
 
 def test_function_that_vanishes_before_its_step_is_reported_gone(make_sim: SimFactory) -> None:
@@ -213,9 +225,12 @@ def test_function_that_vanishes_before_its_step_is_reported_gone(make_sim: SimFa
 
 def test_rollback_rebinds_drivers_and_restores_command(make_sim: SimFactory) -> None:
     sim = make_sim()
-    before = {bdf: (sim.driver_of(bdf), sim.command_of(bdf)) for bdf in unprotected(sim)
-              if sim.by_bdf[bdf].physfn is None}
-    teardown, report = run(sim)
+    before = {
+        bdf: (sim.driver_of(bdf), sim.command_of(bdf))
+        for bdf in unprotected(sim)
+        if sim.by_bdf[bdf].physfn is None
+    }
+    teardown, _report = run(sim)
     results = teardown.journal.rollback(sim.kernel)
     vf_results = [r for r in results if str(r.undo.bdf) in ("0000:01:00.1", "0000:01:00.2")]
     assert vf_results and not any(r.ok for r in vf_results)  # removed with their PF's SR-IOV
@@ -252,12 +267,14 @@ def test_hot_reset_prefers_reset_subordinate_then_child_bus_reset(make_sim: SimF
     assert outcome(report, "0000:00:02.1", Action.RESET_BUS).status is Status.DONE
 
 
-def test_hot_reset_without_a_kernel_method_fails_unless_raw_sbr_allowed(make_sim: SimFactory
-                                                                      ) -> None:
-    functions = [bridge("0000:00:02.0"),
-                 SimFunction("0000:01:00.0", parent="0000:00:02.0", driver="e1000e",
-                             multifunction=True),
-                 SimFunction("0000:01:00.1", parent="0000:00:02.0", driver="e1000e")]
+def test_hot_reset_without_a_kernel_method_fails_unless_raw_sbr_allowed(
+    make_sim: SimFactory,
+) -> None:
+    functions = [
+        bridge("0000:00:02.0"),
+        SimFunction("0000:01:00.0", parent="0000:00:02.0", driver="e1000e", multifunction=True),
+        SimFunction("0000:01:00.1", parent="0000:00:02.0", driver="e1000e"),
+    ]
     sim = make_sim(functions)
     _, report = run(sim, policy=Policy(hot_reset=True))
     refused = outcome(report, "0000:00:02.0", Action.RESET_BUS)
@@ -266,8 +283,10 @@ def test_hot_reset_without_a_kernel_method_fails_unless_raw_sbr_allowed(make_sim
 
 
 def test_raw_sbr_toggles_bridge_control_when_allowed(make_sim: SimFactory) -> None:
-    functions = [bridge("0000:00:02.0"),
-                 SimFunction("0000:01:00.0", parent="0000:00:02.0", driver="e1000e")]
+    functions = [
+        bridge("0000:00:02.0"),
+        SimFunction("0000:01:00.0", parent="0000:00:02.0", driver="e1000e"),
+    ]
     sim = make_sim(functions)
     _, report = run(sim, policy=Policy(hot_reset=True), raw_sbr=True)
     assert outcome(report, "0000:00:02.0", Action.RESET_BUS).status is Status.DONE
@@ -276,8 +295,10 @@ def test_raw_sbr_toggles_bridge_control_when_allowed(make_sim: SimFactory) -> No
 
 
 def test_raw_sbr_is_refused_on_powernv(make_sim: SimFactory) -> None:
-    functions = [bridge("0000:00:02.0", driver=None),
-                 SimFunction("0000:01:00.0", parent="0000:00:02.0", driver="e1000e")]
+    functions = [
+        bridge("0000:00:02.0", driver=None),
+        SimFunction("0000:01:00.0", parent="0000:00:02.0", driver="e1000e"),
+    ]
     sim = make_sim(functions)
     (sim.root / "firmware" / "opal").mkdir(parents=True)
     _, report = run(sim, policy=Policy(hot_reset=True), raw_sbr=True)
