@@ -232,7 +232,8 @@ class Teardown:
                 step,
                 Status.HUNG,
                 f"{driver} remove() did not return within "
-                f"{self.options.unbind_timeout_s:g} s (child {result.pid} abandoned)",
+                f"{self.options.unbind_timeout_s:g} s (child {result.pid} abandoned; "
+                f"{step.reason})",
                 driver_after=kernel.driver(bdf),
             )
         if not kernel.exists(bdf):

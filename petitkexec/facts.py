@@ -78,6 +78,11 @@ def _mount_needs(sysfs_root: Path, proc_root: Path) -> Iterator[tuple[Bdf, str]]
     except OSError:
         return
     virtio_tags = _virtio_mount_tags(sysfs_root)
+    network_mounts = [m for m in mounts if m.fstype.split(".")[0] in NETWORK_FILESYSTEMS]
+    if network_mounts:
+        first = network_mounts[0]
+        for bdf, interface in _active_network_functions(sysfs_root):
+            yield bdf, f"{interface} may carry {first.mount_point} ({first.fstype})"
     for mount in mounts:
         if not mount.writable and mount.mount_point != "/":
             continue
@@ -94,6 +99,24 @@ def _mount_needs(sysfs_root: Path, proc_root: Path) -> Iterator[tuple[Bdf, str]]
         for device_number in _block_devices_of(mount):
             for bdf in _functions_behind_block_device(sysfs_root, device_number):
                 yield bdf, reason
+
+
+# File systems whose data travels over a network interface (fuse.sshfs → "fuse").
+NETWORK_FILESYSTEMS = frozenset({"nfs", "nfs4", "cifs", "smb3", "ceph", "glusterfs", "fuse"})
+
+
+def _active_network_functions(sysfs_root: Path) -> Iterator[tuple[Bdf, str]]:
+    """PCI network functions with an interface that is up: we cannot tell which one carries
+    a network file system's traffic, so all of them are needed while one is mounted."""
+    for interface in _entries(sysfs_root / "class" / "net"):
+        try:
+            if (interface / "operstate").read_text().strip() not in ("up", "unknown"):
+                continue
+            addresses = Bdf.find_all(str((interface / "device").resolve(strict=True)))
+        except OSError:
+            continue
+        if addresses:
+            yield addresses[-1], interface.name
 
 
 def _block_devices_of(mount: Mount) -> list[tuple[int, int]]:

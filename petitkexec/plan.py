@@ -63,7 +63,10 @@ class Plan:
 
 def build_plan(topology: Topology, policy: Policy, facts: SystemFacts) -> Plan:
     held = _held_functions(topology, policy, facts)
-    decisions = {function.bdf: held.get(function.bdf) or _decide(function) for function in topology}
+    decisions = {
+        function.bdf: held.get(function.bdf) or _decide(function, facts.needed.get(function.bdf))
+        for function in topology
+    }
     steps = [decisions[bdf] for bdf in _teardown_order(topology)]
     if policy.hot_reset:
         steps.extend(_reset_steps(topology, decisions))
@@ -103,7 +106,16 @@ def _depended_on(topology: Topology, bdf: Bdf) -> Iterator[tuple[Bdf, str]]:
         yield function.physfn, "PF of"
 
 
-def _decide(function: PciFunction) -> Step:
+def _decide(function: PciFunction, needed_for: str | None) -> Step:
+    """The step for a function nothing holds; `needed_for` is set when --unprotect lifted
+    a protection, so the report can say what the teardown is taking away."""
+    step = _decide_unheld(function)
+    if needed_for is None:
+        return step
+    return Step(step.bdf, step.action, f"{step.reason}; unprotected: {needed_for}")
+
+
+def _decide_unheld(function: PciFunction) -> Step:
     bdf, driver, bus_master = function.bdf, function.driver, function.bus_master_on
     if driver is not None and function.driver_can_unbind:
         # remove() is the path that leaves a device clean for the next driver.
