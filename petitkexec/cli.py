@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 import click
 
 from petitkexec.errors import ExitCode, PetitkexecError, PreflightRefused, UsageError
-from petitkexec.execute import ExecutionOptions, StepOutcome, Teardown, TeardownReport
+from petitkexec.execute import DEFAULT_JOBS, ExecutionOptions, StepOutcome, Teardown, TeardownReport
 from petitkexec.facts import gather_facts
 from petitkexec.handoff import LoadRequest, execute_loaded_kernel, find_kexec, load
 from petitkexec.kernel import SYSFS_ROOT, Kernel, RealSysfsWriter, SysfsWriter
@@ -118,6 +118,13 @@ def execution_options(command: F) -> F:
             default=None,
             metavar="SECONDS",
             help="Deadline for each driver unbind [default: 5].",
+        ),
+        click.option(
+            "--jobs",
+            type=click.IntRange(min=1),
+            default=DEFAULT_JOBS,
+            show_default=True,
+            help="Unbind up to this many independent devices side by side (1: one at a time).",
         ),
         click.option(
             "--raw-sbr",
@@ -244,19 +251,18 @@ def snapshot(output: Path | None) -> None:
 
 
 def _prepare(
-    exclude: tuple[str, ...],
-    only: tuple[str, ...],
-    unprotect: tuple[str, ...],
-    hot_reset: bool,
-    config_path: Path | None,
-    dry_run: bool,
-    unbind_timeout: float | None,
-    raw_sbr: bool,
+    shared: dict[str, Any],
 ) -> tuple[Environment, Topology, SystemFacts, Plan, ExecutionOptions]:
-    config = load_config(config_path)
-    policy = _policy(exclude, only, unprotect, hot_reset, config)
+    """Config, policy, discovery and plan from the options `teardown` and `exec` share."""
+    config = load_config(shared["config_path"])
+    policy = _policy(
+        shared["exclude"], shared["only"], shared["unprotect"], shared["hot_reset"], config
+    )
     options = ExecutionOptions(
-        unbind_timeout_s=_unbind_timeout(unbind_timeout, config), raw_sbr=raw_sbr, dry_run=dry_run
+        unbind_timeout_s=_unbind_timeout(shared["unbind_timeout"], config),
+        jobs=shared["jobs"],
+        raw_sbr=shared["raw_sbr"],
+        dry_run=shared["dry_run"],
     )
     environment = _environment()
     topology, facts = environment.discover(), environment.facts()
@@ -334,25 +340,13 @@ def _exit_code(report: TeardownReport) -> ExitCode:
 @cli.command(epilog=EXIT_CODES_HELP)
 @policy_options
 @execution_options
-def teardown(
-    exclude: tuple[str, ...],
-    only: tuple[str, ...],
-    unprotect: tuple[str, ...],
-    hot_reset: bool,
-    config_path: Path | None,
-    as_json: bool,
-    dry_run: bool,
-    unbind_timeout: float | None,
-    raw_sbr: bool,
-) -> None:
+def teardown(**shared: Any) -> None:
     """Execute the plan: unbind drivers, clear bus master, optionally reset buses."""
-    environment, topology, _facts, the_plan, options = _prepare(
-        exclude, only, unprotect, hot_reset, config_path, dry_run, unbind_timeout, raw_sbr
-    )
-    if not dry_run:
+    environment, topology, _facts, the_plan, options = _prepare(shared)
+    if not options.dry_run:
         check_can_tear_down(environment.euid, the_plan)
     _teardown, report = _run_teardown(environment, topology, the_plan, options)
-    _print_report(report, as_json)
+    _print_report(report, shared["as_json"])
     sys.exit(_exit_code(report))
 
 
@@ -383,15 +377,6 @@ def teardown(
 @click.option("--strict", is_flag=True, help="Do not hand off if any teardown step failed.")
 @click.argument("kexec_args", nargs=-1, type=click.UNPROCESSED)
 def exec_(
-    exclude: tuple[str, ...],
-    only: tuple[str, ...],
-    unprotect: tuple[str, ...],
-    hot_reset: bool,
-    config_path: Path | None,
-    as_json: bool,
-    dry_run: bool,
-    unbind_timeout: float | None,
-    raw_sbr: bool,
     load_kernel: Path | None,
     initrd: Path | None,
     append: str | None,
@@ -401,6 +386,7 @@ def exec_(
     syscall: bool,
     strict: bool,
     kexec_args: tuple[str, ...],
+    **shared: Any,
 ) -> None:
     """Preflight, optional load, teardown, then `kexec -e`. On success it never returns.
 
@@ -410,9 +396,8 @@ def exec_(
         raise UsageError("--append", append, "cannot be combined with --reuse-cmdline")
     if load_kernel is None and (initrd or append or reuse_cmdline or dtb):
         raise UsageError("--initrd/--append/--reuse-cmdline/--dtb", "", "need --load KERNEL")
-    environment, topology, facts, the_plan, options = _prepare(
-        exclude, only, unprotect, hot_reset, config_path, dry_run, unbind_timeout, raw_sbr
-    )
+    environment, topology, facts, the_plan, options = _prepare(shared)
+    dry_run, as_json = options.dry_run, shared["as_json"]
     kexec = find_kexec(kexec_path)
     if kexec_path is not None and kexec is None:
         raise UsageError("--kexec", kexec_path, "is not an executable file")

@@ -1,8 +1,10 @@
-"""Run one blocking kernel call in a forked child, and give up on it at a deadline.
+"""Run blocking kernel calls in forked children, and give up on them at a deadline.
 
 A sysfs `unbind` write runs the driver's remove() synchronously and can block forever (a held
 device_lock, a remove() waiting for its users). A thread stuck there would also block execve()
-of the whole process, so the write happens in a child that the parent can abandon.
+of the whole process, so each write happens in a child that the parent can abandon. Children
+run side by side when the caller starts several: independent devices' remove() calls do not
+share a lock.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import os
 import select
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 
@@ -26,10 +28,17 @@ class ChildResult:
     elapsed_s: float = 0.0
 
 
-def run_with_deadline(call: Callable[[], None], timeout_s: float) -> ChildResult:
-    """Run `call` in a forked child; an OSError it raises comes back as `errno`."""
-    started = time.monotonic()
+@dataclass(frozen=True)
+class Child:
+    pid: int
+    read_end: int  # the child writes one line "ERRNO DETAIL" here when its call returns
+    started: float
+
+
+def start_child(call: Callable[[], None]) -> Child:
+    """Fork, run `call` in the child; an OSError it raises comes back as the result's errno."""
     read_end, write_end = os.pipe()
+    started = time.monotonic()
     pid = os.fork()
     if pid == 0:  # the child: report one line, never return into the caller's stack
         os.close(read_end)
@@ -43,28 +52,47 @@ def run_with_deadline(call: Callable[[], None], timeout_s: float) -> ChildResult
         os.write(write_end, f"{code} {detail}".encode())
         os._exit(0)
     os.close(write_end)
-    try:
-        ready, _, _ = select.select([read_end], [], [], timeout_s)
-        if not ready:
-            # The child may sit in uninterruptible sleep and never die; do not wait for it.
-            os.kill(pid, signal.SIGKILL)
-            _reap_if_dead(pid)
-            return ChildResult(
-                False,
-                errno.ETIMEDOUT,
-                f"no answer after {timeout_s:g} s",
-                pid,
-                time.monotonic() - started,
-            )
-        report = os.read(read_end, 4096).decode(errors="replace")
-    finally:
-        os.close(read_end)
-    os.waitpid(pid, 0)
+    return Child(pid, read_end, started)
+
+
+def wait_first(children: Collection[Child], timeout_s: float) -> tuple[Child, ChildResult]:
+    """The first child to answer, or the first to pass its deadline (then abandoned)."""
+    by_fd = {child.read_end: child for child in children}
+    while True:
+        now = time.monotonic()
+        oldest = min(children, key=lambda child: child.started)
+        remaining = oldest.started + timeout_s - now
+        if remaining <= 0:
+            return oldest, _abandon(oldest, timeout_s)
+        ready, _, _ = select.select(list(by_fd), [], [], remaining)
+        if ready:
+            child = by_fd[ready[0]]
+            return child, _collect(child)
+
+
+def run_with_deadline(call: Callable[[], None], timeout_s: float) -> ChildResult:
+    return wait_first([start_child(call)], timeout_s)[1]
+
+
+def _collect(child: Child) -> ChildResult:
+    report = os.read(child.read_end, 4096).decode(errors="replace")
+    os.close(child.read_end)
+    os.waitpid(child.pid, 0)
     code_text, _, detail = report.partition(" ")
     code = int(code_text) if code_text.isdigit() else errno.EIO
-    return ChildResult(True, code, detail, pid, time.monotonic() - started)
+    return ChildResult(True, code, detail, child.pid, time.monotonic() - child.started)
 
 
-def _reap_if_dead(pid: int) -> None:
+def _abandon(child: Child, timeout_s: float) -> ChildResult:
+    # The child may sit in uninterruptible sleep and never die; do not wait for it.
+    os.kill(child.pid, signal.SIGKILL)
+    os.close(child.read_end)
     with contextlib.suppress(ChildProcessError):
-        os.waitpid(pid, os.WNOHANG)
+        os.waitpid(child.pid, os.WNOHANG)
+    return ChildResult(
+        False,
+        errno.ETIMEDOUT,
+        f"no answer after {timeout_s:g} s",
+        child.pid,
+        time.monotonic() - child.started,
+    )

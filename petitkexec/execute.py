@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
+import itertools
 import signal
 import time
 from collections.abc import Callable, Iterator
@@ -13,6 +15,7 @@ from enum import Enum
 from types import FrameType
 
 from petitkexec.bdf import Bdf
+from petitkexec.deadline import Child, ChildResult, wait_first
 from petitkexec.errors import KernelWriteFailed
 from petitkexec.journal import Journal, Undo, UndoKind, UndoResult
 from petitkexec.kernel import Kernel
@@ -31,6 +34,7 @@ SBR_ASSERT_S = 0.002
 SBR_SETTLE_S = 0.1
 SBR_ANSWER_DEADLINE_S = 1.0
 DEFAULT_UNBIND_TIMEOUT_S = 5.0
+DEFAULT_JOBS = 8
 
 
 class Status(Enum):
@@ -62,6 +66,9 @@ class StepOutcome:
 @dataclass(frozen=True)
 class ExecutionOptions:
     unbind_timeout_s: float = DEFAULT_UNBIND_TIMEOUT_S
+    # Independent devices' remove() calls run side by side (at most this many at once): a
+    # remove() that waits for hardware (NVMe, NICs) costs its own time, not everyone's.
+    jobs: int = DEFAULT_JOBS
     raw_sbr: bool = False
     dry_run: bool = False
 
@@ -127,6 +134,15 @@ class TeardownReport:
 OutcomeCallback = Callable[[int, int, StepOutcome], None]
 
 
+@dataclass(frozen=True)
+class _PendingUnbind:
+    step: Step
+    driver: str
+    original_override: str | None
+    child: Child
+    began: float
+
+
 @dataclass
 class Teardown:
     kernel: Kernel
@@ -139,31 +155,71 @@ class Teardown:
 
     def run(self) -> TeardownReport:
         outcomes: list[StepOutcome] = []
-        hung: list[Bdf] = []
         stopped_because = None
-        total = len(self.plan.steps)
         with self._signals_stop_the_run():
-            for index, step in enumerate(self.plan.steps, start=1):
+            for _wave, group in itertools.groupby(self.plan.steps, key=lambda step: step.wave):
                 if self.interrupted_by is not None:
-                    stopped_because = f"interrupted by {self.interrupted_by}"
                     break
-                outcome = self._timed(step)
-                outcomes.append(outcome)
-                if self.on_outcome is not None:
-                    self.on_outcome(index, total, outcome)
-                if outcome.status is Status.HUNG:
-                    hung.append(step.bdf)
-                    stopped_because = (
-                        f"unbind of {step.bdf} did not return within "
-                        f"{self.options.unbind_timeout_s:g} s"
-                    )
+                for outcome in self._run_wave(list(group)):
+                    outcomes.append(outcome)
+                    if self.on_outcome is not None:
+                        self.on_outcome(len(outcomes), len(self.plan.steps), outcome)
+                if any(outcome.status is Status.HUNG for outcome in outcomes):
                     break
+        hung = tuple(o.step.bdf for o in outcomes if o.status is Status.HUNG)
+        if hung:
+            stopped_because = (
+                f"unbind of {', '.join(map(str, hung))} did not return within "
+                f"{self.options.unbind_timeout_s:g} s"
+            )
+        elif self.interrupted_by is not None:
+            stopped_because = f"interrupted by {self.interrupted_by}"
         rollback: tuple[UndoResult, ...] = ()
         if stopped_because is not None:
             rollback = tuple(self.journal.rollback(self.kernel))
         return TeardownReport(
-            tuple(outcomes), stopped_because, tuple(hung), self.interrupted_by is not None, rollback
+            tuple(outcomes), stopped_because, hung, self.interrupted_by is not None, rollback
         )
+
+    def _run_wave(self, steps: list[Step]) -> list[StepOutcome]:
+        """Unbinds side by side (one at a time per multi-function slot, at most `jobs`),
+        then the quick steps; no new step starts after a hang or a signal."""
+        results: dict[int, StepOutcome] = {}
+        parallel = [
+            i
+            for i, step in enumerate(steps)
+            if step.action is Action.UNBIND and not self.options.dry_run
+        ]
+        running: dict[Child, tuple[int, _PendingUnbind]] = {}
+        busy_slots: set[tuple[int, int, int]] = set()
+        while parallel or running:
+            if self._should_stop(results):
+                parallel.clear()
+            for i in list(parallel):
+                if len(running) >= self.options.jobs:
+                    break
+                if steps[i].bdf.slot in busy_slots:
+                    continue
+                parallel.remove(i)
+                started = self._begin_unbind(steps[i])
+                if isinstance(started, StepOutcome):
+                    results[i] = started
+                else:
+                    running[started.child] = (i, started)
+                    busy_slots.add(steps[i].bdf.slot)
+            if running:
+                child, result = wait_first(running, self.options.unbind_timeout_s)
+                i, pending = running.pop(child)
+                busy_slots.discard(steps[i].bdf.slot)
+                results[i] = self._finish_unbind(pending, result)
+        for i, step in enumerate(steps):
+            if i not in results and not self._should_stop(results):
+                results[i] = self._timed(step)
+        return [results[i] for i in sorted(results)]
+
+    def _should_stop(self, results: dict[int, StepOutcome]) -> bool:
+        hung = any(outcome.status is Status.HUNG for outcome in results.values())
+        return hung or self.interrupted_by is not None
 
     @contextmanager
     def _signals_stop_the_run(self) -> Iterator[None]:
@@ -212,7 +268,15 @@ class Teardown:
     # -- unbind ------------------------------------------------------------------------------
 
     def _unbind(self, step: Step) -> StepOutcome:
-        bdf, kernel = step.bdf, self.kernel
+        started = self._begin_unbind(step)
+        if isinstance(started, StepOutcome):
+            return started
+        return self._finish_unbind(
+            started, wait_first([started.child], self.options.unbind_timeout_s)[1]
+        )
+
+    def _begin_unbind(self, step: Step) -> StepOutcome | _PendingUnbind:
+        bdf, kernel, began = step.bdf, self.kernel, time.monotonic()
         driver = kernel.driver(bdf)
         if not kernel.exists(bdf):
             return StepOutcome(step, Status.GONE, "function is gone")
@@ -226,7 +290,18 @@ class Teardown:
             return StepOutcome(
                 step, Status.FAILED, f"driver_override: {error}", driver_after=driver
             )
-        result = kernel.unbind(bdf, driver, self.options.unbind_timeout_s)
+        return _PendingUnbind(
+            step, driver, original_override, kernel.start_unbind(bdf, driver), began
+        )
+
+    def _finish_unbind(self, pending: _PendingUnbind, result: ChildResult) -> StepOutcome:
+        outcome = self._unbind_outcome(pending, result)
+        elapsed_ms = round((time.monotonic() - pending.began) * 1000, 2)
+        return dataclasses.replace(outcome, elapsed_ms=elapsed_ms)
+
+    def _unbind_outcome(self, pending: _PendingUnbind, result: ChildResult) -> StepOutcome:
+        step, driver, kernel = pending.step, pending.driver, self.kernel
+        bdf, original_override = step.bdf, pending.original_override
         if not result.finished:
             return StepOutcome(
                 step,

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Protocol
 
 from petitkexec.bdf import Bdf
-from petitkexec.deadline import ChildResult, run_with_deadline
+from petitkexec.deadline import Child, start_child
 from petitkexec.errors import KernelWriteFailed
 from petitkexec.model import PCI_BRIDGE_CONTROL, PCI_COMMAND
 
@@ -120,10 +120,11 @@ class Kernel:
         # An empty write clears the override (driver_override_store()).
         self._write(self.device_dir(bdf) / "driver_override", value or "\n")
 
-    def unbind(self, bdf: Bdf, driver: str, timeout_s: float) -> ChildResult:
-        """Write the address to the driver's `unbind` in a child that may be abandoned."""
+    def start_unbind(self, bdf: Bdf, driver: str) -> Child:
+        """Write the address to the driver's `unbind` in a child that may be abandoned
+        (the write runs remove() and may never return); see petitkexec.deadline."""
         path = self.root / "bus" / "pci" / "drivers" / driver / "unbind"
-        return run_with_deadline(lambda: self.writer.write(path, str(bdf).encode()), timeout_s)
+        return start_child(lambda: self.writer.write(path, str(bdf).encode()))
 
     def bind(self, bdf: Bdf, driver: str) -> None:
         self._write(self.root / "bus" / "pci" / "drivers" / driver / "bind", str(bdf))

@@ -39,8 +39,14 @@ class PciFunction:
 
     @property
     def is_bridge(self) -> bool:
-        """A PCI-to-PCI bridge (root port, switch port, PCIe-to-PCI bridge): header type 1."""
-        return self.header_type is not None and (self.header_type & 0x7F) == PCI_HEADER_TYPE_BRIDGE
+        """A PCI-to-PCI bridge (root port, switch port, PCIe-to-PCI bridge): header type 1.
+
+        A frozen or link-down function reads 0xff for its header type; the class code sysfs
+        caches at enumeration still says what it is.
+        """
+        if self.header_type is not None and self.header_type != 0xFF:
+            return (self.header_type & 0x7F) == PCI_HEADER_TYPE_BRIDGE
+        return self.class_code >> 8 in (0x0604, 0x0609)
 
     @property
     def is_multifunction(self) -> bool:

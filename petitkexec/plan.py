@@ -10,7 +10,7 @@ Order matters because of what the kernel does on unbind:
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from enum import Enum
 
 from petitkexec.bdf import Bdf
@@ -36,6 +36,8 @@ class Step:
     bdf: Bdf
     action: Action
     reason: str
+    # Steps of one wave have no order among them and may run side by side; waves run in order.
+    wave: int = field(default=0, compare=False)
 
     def __str__(self) -> str:
         return f"{self.action.value} ({self.reason})"
@@ -67,9 +69,10 @@ def build_plan(topology: Topology, policy: Policy, facts: SystemFacts) -> Plan:
         function.bdf: held.get(function.bdf) or _decide(function, facts.needed.get(function.bdf))
         for function in topology
     }
-    steps = [decisions[bdf] for bdf in _teardown_order(topology)]
+    steps = [replace(decisions[bdf], wave=wave) for bdf, wave in _teardown_order(topology)]
     if policy.hot_reset:
-        steps.extend(_reset_steps(topology, decisions))
+        last_wave = steps[-1].wave + 1 if steps else 0
+        steps.extend(replace(step, wave=last_wave) for step in _reset_steps(topology, decisions))
     return Plan(steps=tuple(steps), conflicts=_conflicts(topology, policy, held))
 
 
@@ -132,16 +135,21 @@ def _decide_unheld(function: PciFunction) -> Step:
     )
 
 
-def _teardown_order(topology: Topology) -> list[Bdf]:
-    """VFs, then the other endpoints, then bridges deepest first."""
+def _teardown_order(topology: Topology) -> list[tuple[Bdf, int]]:
+    """VFs (wave 0), then the other endpoints (wave 1), then bridges deepest first, one wave
+    per depth."""
     functions = list(topology)
-    virtfns = [f.bdf for f in functions if f.is_virtfn]
-    endpoints = [f.bdf for f in functions if not f.is_virtfn and not f.is_bridge]
-    bridges = sorted(
-        (f.bdf for f in functions if f.is_bridge and not f.is_virtfn),
-        key=lambda bdf: (-topology.depth(bdf), bdf),
-    )
-    return virtfns + endpoints + bridges
+    order = [(f.bdf, 0) for f in functions if f.is_virtfn]
+    order += [(f.bdf, 1) for f in functions if not f.is_virtfn and not f.is_bridge]
+    bridge_depths = {
+        f.bdf: topology.depth(f.bdf) for f in functions if f.is_bridge and not f.is_virtfn
+    }
+    deepest = max(bridge_depths.values(), default=0)
+    order += [
+        (bdf, 2 + deepest - depth)
+        for bdf, depth in sorted(bridge_depths.items(), key=lambda item: (-item[1], item[0]))
+    ]
+    return order
 
 
 def _reset_steps(topology: Topology, decisions: dict[Bdf, Step]) -> list[Step]:
@@ -169,7 +177,7 @@ def _subtree_resettable(topology: Topology, decisions: dict[Bdf, Step], bridge: 
         step = decisions[below]
         if step.action in (Action.PROTECT, Action.KEEP):
             return False
-        if step.action is Action.SKIP and topology[below].driver is not None:
+        if step.action is not Action.UNBIND and topology[below].driver is not None:
             return False  # a driver we could not unbind is still driving it
     return True
 

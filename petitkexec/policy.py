@@ -128,7 +128,7 @@ def load_config(path: Path | None) -> dict[str, object]:
             config: dict[str, object] = tomllib.load(handle)
     except OSError as error:
         raise UsageError(option, str(path), f"cannot be read ({error.strerror})") from error
-    except tomllib.TOMLDecodeError as error:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
         raise UsageError(option, str(path), f"is not valid TOML ({error})") from error
     unknown = sorted(set(config) - CONFIG_KEYS)
     if unknown:

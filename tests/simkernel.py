@@ -56,6 +56,7 @@ class SimFunction:
     # behaviour of the driver's remove()
     remove_clears_master: bool = False  # pcim_enable_device(): pci_disable_device() on unbind
     remove_hangs: bool = False  # e.g. p9_virtio_remove waiting for its users
+    remove_seconds: float = 0.0  # how long remove() takes (NVMe shutdown, NIC firmware)
 
     @property
     def address(self) -> Bdf:
@@ -307,6 +308,9 @@ class SimKernel:
         function = self.by_bdf[bdf]
         if function.remove_hangs:
             time.sleep(3600)  # killed by the caller's deadline
+        began = time.monotonic()
+        time.sleep(function.remove_seconds)
+        self._log_event(bdf, f"removed {began} {time.monotonic()}")
         for vf in [f.bdf for f in self.functions if f.physfn == bdf and self.exists(f.bdf)]:
             self.vanish(vf)  # the PF's remove() disables SR-IOV
         directory = self._physical_dir(function)
@@ -370,6 +374,15 @@ class SimKernel:
     def _log_event(self, bdf: str, event: str) -> None:
         with (self.state / "writes.log").open("a") as log:
             log.write(json.dumps({"path": f"event/{bdf}", "data": event, "offset": None}) + "\n")
+
+    def remove_spans(self) -> dict[str, tuple[float, float]]:
+        """When each remove() ran, by monotonic clock: (start, end)."""
+        spans = {}
+        for event in self.events():
+            bdf, word, *times = event.split()
+            if word == "removed":
+                spans[bdf] = (float(times[0]), float(times[1]))
+        return spans
 
     def events(self) -> list[str]:
         return [

@@ -157,15 +157,17 @@ def test_disabled_driverless_function_is_enabled_then_disabled_under_lockdown(
     assert not sim.bus_master_on("0000:00:05.0")
 
 
-def test_hung_remove_hits_the_deadline_stops_and_rolls_back(make_sim: SimFactory) -> None:
-    sim = make_sim(
-        [
-            SimFunction("0000:00:03.0", driver="e1000e"),
-            SimFunction("0000:00:04.0", driver="virtio-pci", remove_hangs=True),
-            SimFunction("0000:00:05.0", driver="ahci"),
-        ]
-    )
-    _, report = run(sim, unbind_timeout_s=0.3)
+HUNG_WAVE = [
+    SimFunction("0000:00:03.0", driver="e1000e"),
+    SimFunction("0000:00:04.0", driver="virtio-pci", remove_hangs=True),
+    SimFunction("0000:00:05.0", driver="ahci"),
+    bridge("0000:00:1c.0"),
+]
+
+
+def test_hung_remove_one_at_a_time_stops_at_once_and_rolls_back(make_sim: SimFactory) -> None:
+    sim = make_sim(HUNG_WAVE)
+    _, report = run(sim, unbind_timeout_s=0.3, jobs=1)
     assert report.hung == (Bdf.parse("0000:00:04.0"),)
     assert outcome(report, "0000:00:04.0").status is Status.HUNG
     assert "did not return within 0.3 s" in (report.stopped_because or "")
@@ -176,6 +178,41 @@ def test_hung_remove_hits_the_deadline_stops_and_rolls_back(make_sim: SimFactory
     assert sim.attribute("0000:00:03.0", "driver_override") == "(null)"
     assert sim.driver_of("0000:00:05.0") == "ahci"
     assert [r.ok for r in report.rollback] == [True, True]
+
+
+def test_hung_remove_side_by_side_lets_its_wave_finish_then_stops_and_rolls_back(
+    make_sim: SimFactory,
+) -> None:
+    sim = make_sim(HUNG_WAVE)
+    _, report = run(sim, unbind_timeout_s=0.3)
+    assert report.hung == (Bdf.parse("0000:00:04.0"),)
+    assert [str(o.step.bdf) for o in report.outcomes] == [
+        "0000:00:03.0",
+        "0000:00:04.0",
+        "0000:00:05.0",
+    ]  # the bridge's wave never started
+    assert sim.driver_of("0000:00:1c.0") == "pcieport"
+    assert sim.driver_of("0000:00:03.0") == "e1000e"
+    assert sim.driver_of("0000:00:05.0") == "ahci"
+    assert all(r.ok for r in report.rollback) and len(report.rollback) == 4
+
+
+def test_unbinds_of_different_slots_overlap_and_functions_of_one_slot_do_not(
+    make_sim: SimFactory,
+) -> None:
+    sim = make_sim(
+        [
+            SimFunction("0000:00:03.0", driver="e1000e", multifunction=True, remove_seconds=0.2),
+            SimFunction("0000:00:03.1", driver="e1000e", remove_seconds=0.2),
+            SimFunction("0000:00:04.0", driver="nvme", remove_seconds=0.2),
+        ]
+    )
+    _, report = run(sim)
+    assert not report.failed
+    spans = sim.remove_spans()
+    assert spans["0000:00:04.0"][0] < spans["0000:00:03.0"][1]  # nvme ran beside function 0
+    first, second = sorted([spans["0000:00:03.0"], spans["0000:00:03.1"]])
+    assert first[1] <= second[0]  # the two functions of one device ran one after the other
 
 
 def test_unbind_refused_by_the_kernel_is_a_failure_and_the_override_is_restored(
