@@ -84,18 +84,17 @@ def _mount_needs(sysfs_root: Path, proc_root: Path) -> Iterator[tuple[Bdf, str]]
         for bdf, interface in _active_network_functions(sysfs_root):
             yield bdf, f"{interface} may carry {first.mount_point} ({first.fstype})"
     for mount in mounts:
-        if not mount.writable and mount.mount_point != "/":
-            continue
-        mode = "rw" if mount.writable else "ro"
-        reason = f"backs {mount.mount_point} mounted {mode}"
         if mount.fstype == "9p" and mount.source in virtio_tags:
-            # A mounted 9p share makes its virtio device's remove() wait forever for users
-            # (p9_virtio_remove: "waiting for device in use").
+            # Any mounted 9p share, read-only too, makes its virtio device's remove() wait
+            # forever for its users (p9_virtio_remove: "waiting for device in use").
             yield (
                 virtio_tags[mount.source],
                 f"9p share {mount.source!r} mounted at {mount.mount_point}",
             )
             continue
+        if not mount.writable and mount.mount_point != "/":
+            continue
+        reason = f"backs {mount.mount_point} mounted {'rw' if mount.writable else 'ro'}"
         for device_number in _block_devices_of(mount):
             for bdf in _functions_behind_block_device(sysfs_root, device_number):
                 yield bdf, reason

@@ -84,7 +84,7 @@ def snapshot_from_json(data: Any, source: str = "<snapshot>") -> tuple[Topology,
             lockdown=facts_data["lockdown"],
             kexec_loaded=facts_data["kexec_loaded"],
         )
-    except (KeyError, TypeError, ValueError) as error:
+    except (KeyError, TypeError, ValueError, AttributeError) as error:
         raise SnapshotError(source, f"is malformed ({type(error).__name__}: {error})") from error
     return topology, facts
 
@@ -94,7 +94,7 @@ def load_snapshot(path: Path) -> tuple[Topology, SystemFacts]:
         data = json.loads(path.read_text())
     except OSError as error:
         raise SnapshotError(str(path), f"cannot be read ({error.strerror})") from error
-    except json.JSONDecodeError as error:
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise SnapshotError(str(path), f"is not JSON ({error})") from error
     return snapshot_from_json(data, str(path))
 
