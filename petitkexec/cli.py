@@ -186,12 +186,10 @@ def _policy(
 
 
 def _unbind_timeout(option: float | None, config: dict[str, object]) -> float:
-    if option is not None:
-        return option
     value = config.get("unbind-timeout", ExecutionOptions.unbind_timeout_s)
     if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
         raise UsageError("config key unbind-timeout", repr(value), "must be a positive number")
-    return float(value)
+    return float(value) if option is None else option
 
 
 def _echo_err(text: str) -> None:

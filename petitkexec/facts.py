@@ -78,7 +78,7 @@ def _mount_needs(sysfs_root: Path, proc_root: Path) -> Iterator[tuple[Bdf, str]]
     except OSError:
         return
     virtio_tags = _virtio_mount_tags(sysfs_root)
-    network_mounts = [m for m in mounts if m.fstype.split(".")[0] in NETWORK_FILESYSTEMS]
+    network_mounts = [m for m in mounts if m.fstype in NETWORK_FILESYSTEMS]
     if network_mounts:
         first = network_mounts[0]
         for bdf, interface in _active_network_functions(sysfs_root):
@@ -100,8 +100,24 @@ def _mount_needs(sysfs_root: Path, proc_root: Path) -> Iterator[tuple[Bdf, str]]
                 yield bdf, reason
 
 
-# File systems whose data travels over a network interface (fuse.sshfs → "fuse").
-NETWORK_FILESYSTEMS = frozenset({"nfs", "nfs4", "cifs", "smb3", "ceph", "glusterfs", "fuse"})
+# File systems whose data travels over a network interface. Not every fuse.* does (lxcfs,
+# gvfsd-fuse, portals): only the ones known to.
+NETWORK_FILESYSTEMS = frozenset(
+    {
+        "nfs",
+        "nfs4",
+        "cifs",
+        "smb3",
+        "ceph",
+        "glusterfs",
+        "afs",
+        "fuse.sshfs",
+        "fuse.glusterfs",
+        "fuse.ceph-fuse",
+        "fuse.s3fs",
+        "fuse.rclone",
+    }
+)
 
 
 def _active_network_functions(sysfs_root: Path) -> Iterator[tuple[Bdf, str]]:

@@ -96,7 +96,7 @@ class Policy:
             exclude=_parse_all([*_config_list(config, "exclude"), *exclude], "--exclude"),
             only=_parse_all([*_config_list(config, "only"), *only], "--only"),
             unprotect=_parse_all([*_config_list(config, "unprotect"), *unprotect], "--unprotect"),
-            hot_reset=hot_reset or _config_bool(config, "hot-reset"),
+            hot_reset=_config_bool(config, "hot-reset") or hot_reset,
         )
 
     def excluded_by(self, function: PciFunction) -> str | None:

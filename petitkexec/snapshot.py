@@ -37,22 +37,40 @@ def function_to_json(function: PciFunction) -> dict[str, Any]:
 
 def function_from_json(data: dict[str, Any]) -> PciFunction:
     return PciFunction(
-        bdf=Bdf.parse(data["bdf"]),
-        vendor=int(data["vendor"], 16),
-        device=int(data["device"], 16),
-        class_code=int(data["class"], 16),
-        header_type=data["header_type"],
-        command=data["command"],
-        driver=data["driver"],
-        driver_can_unbind=bool(data["driver_can_unbind"]),
-        driver_override=data["driver_override"],
-        parent=_optional_bdf(data["parent"]),
-        physfn=_optional_bdf(data["physfn"]),
-        enabled=data["enabled"],
-        reset_methods=tuple(data["reset_methods"]),
-        has_reset=bool(data["has_reset"]),
-        has_reset_subordinate=bool(data["has_reset_subordinate"]),
+        bdf=Bdf.parse(_typed(data, "bdf", str)),
+        vendor=int(_typed(data, "vendor", str), 16),
+        device=int(_typed(data, "device", str), 16),
+        class_code=int(_typed(data, "class", str), 16),
+        header_type=_typed(data, "header_type", int, optional=True),
+        command=_typed(data, "command", int, optional=True),
+        driver=_typed(data, "driver", str, optional=True),
+        driver_can_unbind=_typed(data, "driver_can_unbind", bool),
+        driver_override=_typed(data, "driver_override", str, optional=True),
+        parent=_optional_bdf(_typed(data, "parent", str, optional=True)),
+        physfn=_optional_bdf(_typed(data, "physfn", str, optional=True)),
+        enabled=_typed(data, "enabled", bool, optional=True),
+        reset_methods=tuple(_typed_list(data, "reset_methods", str)),
+        has_reset=_typed(data, "has_reset", bool),
+        has_reset_subordinate=_typed(data, "has_reset_subordinate", bool),
     )
+
+
+def _typed(data: dict[str, Any], key: str, kind: type, *, optional: bool = False) -> Any:
+    """The value of `key`, which must be a `kind` (bool is not an int here), or None."""
+    value = data[key]
+    if value is None and optional:
+        return None
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise TypeError(f"{key} is {value!r}, not {kind.__name__}")
+    return value
+
+
+def _typed_list(data: dict[str, Any], key: str, kind: type) -> list[Any]:
+    values = _typed(data, key, list)
+    for value in values:
+        if not isinstance(value, kind):
+            raise TypeError(f"{key} holds {value!r}, not {kind.__name__}")
+    return list(values)
 
 
 def snapshot_to_json(topology: Topology, facts: SystemFacts) -> dict[str, Any]:
