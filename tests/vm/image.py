@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import fcntl
 import functools
 import gzip
 import hashlib
@@ -36,8 +37,9 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
@@ -46,9 +48,10 @@ GUEST_SCRIPTS = HERE / "guest"
 KERNEL_META_PACKAGE = "linux-image-amd64"
 KERNEL_SERIES = "6.1."
 # Packages wanted for what they ship; the library packages they depend on are added by
-# following Depends/Pre-Depends into lib* packages (see _dependency_closure).
+# following Depends/Pre-Depends into lib* packages (see fetch_packages).
 ROOT_PACKAGES = (
     "libc6",
+    "libc-bin",  # /sbin/ldconfig: ctypes.util.find_library runs `ldconfig -p` (pyudev)
     "busybox-static",
     "kexec-tools",
     "python3.11-minimal",
@@ -81,9 +84,25 @@ GUEST_MODULES = (
 # Debian's stdlib minus what a guest never imports.
 STDLIB_DROP = frozenset(
     {
-        "test", "idlelib", "tkinter", "turtledemo", "ensurepip", "lib2to3", "pydoc_data",
-        "distutils", "unittest", "sqlite3", "dbm", "curses", "venv", "config-3.11-x86_64-linux-gnu",
-        "turtle.py", "pydoc.py", "doctest.py", "EXTERNALLY-MANAGED", "LICENSE.txt",
+        "test",
+        "idlelib",
+        "tkinter",
+        "turtledemo",
+        "ensurepip",
+        "lib2to3",
+        "pydoc_data",
+        "distutils",
+        "unittest",
+        "sqlite3",
+        "dbm",
+        "curses",
+        "venv",
+        "config-3.11-x86_64-linux-gnu",
+        "turtle.py",
+        "pydoc.py",
+        "doctest.py",
+        "EXTERNALLY-MANAGED",
+        "LICENSE.txt",
     }
 )
 LIB_DYNLOAD_DROP = re.compile(
@@ -138,9 +157,9 @@ def kernel_package() -> str:
     if not names:
         raise ImageError(
             f"apt-cache depends {KERNEL_META_PACKAGE} names no kernel; run `apt-get update` "
-            "(see .ci/vm-deps.sh)"
+            "(see .ci/apt-packages)"
         )
-    return names[0]
+    return str(names[0])
 
 
 def _deb_field(deb: Path, field: str) -> str:
@@ -284,7 +303,7 @@ def elf_needed(path: Path) -> list[str]:
         data = f.read()
     if data[:4] != b"\x7fELF" or data[4] != 2 or data[5] != 1:
         return []
-    phoff, = struct.unpack_from("<Q", data, 0x20)
+    (phoff,) = struct.unpack_from("<Q", data, 0x20)
     phentsize, phnum = struct.unpack_from("<HH", data, 0x36)
     loads, dynamic = [], None
     for i in range(phnum):
@@ -301,7 +320,7 @@ def elf_needed(path: Path) -> list[str]:
     def file_offset(vaddr: int) -> int:
         for start, offset, size in loads:
             if start <= vaddr < start + size:
-                return vaddr - start + offset
+                return int(vaddr - start + offset)
         raise ImageError(f"{path}: address {vaddr:#x} outside PT_LOAD")
 
     needed, strtab = [], None
@@ -327,8 +346,24 @@ class RootBuilder:
         if root.exists():
             shutil.rmtree(root)
         root.mkdir(parents=True)
-        for d in ("bin", "sbin", "usr/bin", "usr/sbin", "etc", "proc", "sys", "dev", "tmp",
-                  "run", "root", "mnt", "boot", "var/tmp", "lib/x86_64-linux-gnu", "lib64"):
+        for d in (
+            "bin",
+            "sbin",
+            "usr/bin",
+            "usr/sbin",
+            "etc",
+            "proc",
+            "sys",
+            "dev",
+            "tmp",
+            "run",
+            "root",
+            "mnt",
+            "boot",
+            "var/tmp",
+            "lib/x86_64-linux-gnu",
+            "lib64",
+        ):
             (root / d).mkdir(parents=True, exist_ok=True)
 
     def add(self, rel: str) -> str:
@@ -345,8 +380,10 @@ class RootBuilder:
             target = os.readlink(src)
             if not dst.is_symlink():
                 os.symlink(target, dst)
-            resolved = target.lstrip("/") if target.startswith("/") else os.path.normpath(
-                os.path.join(os.path.dirname(rel), target)
+            resolved = (
+                target.lstrip("/")
+                if target.startswith("/")
+                else os.path.normpath(os.path.join(os.path.dirname(rel), target))
             )
             return self.add(resolved)
         if src.is_dir():
@@ -404,8 +441,9 @@ def _install_busybox(rb: RootBuilder) -> None:
         rb.symlink(applet, "/bin/busybox")
 
 
-def _install_guest_scripts(rb: RootBuilder, init: str, kver: str, modules: list[str],
-                           modules_dir: Path) -> None:
+def _install_guest_scripts(
+    rb: RootBuilder, init: str, kver: str, modules: list[str], modules_dir: Path
+) -> None:
     rb.write("init", (GUEST_SCRIPTS / init).read_text(), 0o755)
     rb.write("etc/pk-lib.sh", (GUEST_SCRIPTS / "lib.sh").read_text())
     rb.write("usr/bin/readback", (GUEST_SCRIPTS / "readback").read_text(), 0o755)
@@ -434,8 +472,14 @@ class Node:
     rdev: tuple[int, int] = (0, 0)
 
 
-def _cpio_entry(out: io.BufferedIOBase, ino: int, name: str, mode: int, data: bytes = b"",
-                rdev: tuple[int, int] = (0, 0)) -> None:
+def _cpio_entry(
+    out: io.BufferedIOBase,
+    ino: int,
+    name: str,
+    mode: int,
+    data: bytes = b"",
+    rdev: tuple[int, int] = (0, 0),
+) -> None:
     encoded = name.encode() + b"\0"
     fields = (ino, mode, 0, 0, 1, 0, len(data), 0, 0, rdev[0], rdev[1], len(encoded), 0)
     header = b"070701" + b"".join(b"%08X" % f for f in fields)
@@ -443,14 +487,22 @@ def _cpio_entry(out: io.BufferedIOBase, ino: int, name: str, mode: int, data: by
     out.write(data + b"\0" * (-len(data) % 4))
 
 
-def write_cpio(root: Path | None, out_path: Path, *, nodes: Iterable[Node] = (),
-               files: dict[str, bytes] | None = None, level: int = 6) -> Path:
+def write_cpio(
+    root: Path | None,
+    out_path: Path,
+    *,
+    nodes: Iterable[Node] = (),
+    files: dict[str, bytes] | None = None,
+    level: int = 6,
+) -> Path:
     """Write a gzip'd newc archive of `root` (owner root, mtime 0) plus extra nodes/files."""
-    tmp = out_path.with_suffix(".tmp")
+    tmp = out_path.with_name(f"{out_path.name}.{os.getpid()}.tmp")
     ino = 1
-    with open(tmp, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=level,
-                                               mtime=0) as gz:
-        out = io.BufferedWriter(gz, 1 << 20)  # type: ignore[arg-type]
+    with (
+        open(tmp, "wb") as raw,
+        gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=level, mtime=0) as gz,
+    ):
+        out = io.BufferedWriter(gz, 1 << 20)
         if root is not None:
             for dirpath, dirnames, filenames in os.walk(root):
                 dirnames.sort()
@@ -458,8 +510,11 @@ def write_cpio(root: Path | None, out_path: Path, *, nodes: Iterable[Node] = (),
                 entries = [] if rel_dir == "." else [rel_dir]
                 entries += [os.path.normpath(os.path.join(rel_dir, f)) for f in sorted(filenames)]
                 # Symlinks to directories show up in dirnames and are not walked into.
-                entries += [os.path.normpath(os.path.join(rel_dir, d)) for d in dirnames
-                            if os.path.islink(os.path.join(dirpath, d))]
+                entries += [
+                    os.path.normpath(os.path.join(rel_dir, d))
+                    for d in dirnames
+                    if os.path.islink(os.path.join(dirpath, d))
+                ]
                 for rel in entries:
                     full = root / rel
                     st = full.lstat()
@@ -499,8 +554,12 @@ def _python311() -> str | None:
     for candidate in ("/usr/bin/python3.11", shutil.which("python3.11"), sys.executable):
         if not candidate or not os.path.exists(candidate):
             continue
-        out = subprocess.run([candidate, "-c", "import sys; print(sys.version_info[:2])"],
-                             capture_output=True, text=True, check=False).stdout.strip()
+        out = subprocess.run(
+            [candidate, "-c", "import sys; print(sys.version_info[:2])"],
+            capture_output=True,
+            text=True,
+            check=False,
+        ).stdout.strip()
         if out == "(3, 11)":
             return candidate
     return None
@@ -511,8 +570,22 @@ def compile_tree(root: Path, rel: str) -> bool:
     if python is None:
         log("no host python3.11: guest Python will compile on import (slower)")
         return False
-    _run([python, "-m", "compileall", "-q", "-j0", "--invalidation-mode", "unchecked-hash",
-          "-s", str(root), "-p", "/", str(root / rel)])
+    _run(
+        [
+            python,
+            "-m",
+            "compileall",
+            "-q",
+            "-j0",
+            "--invalidation-mode",
+            "unchecked-hash",
+            "-s",
+            str(root),
+            "-p",
+            "/",
+            str(root / rel),
+        ]
+    )
     return True
 
 
@@ -527,13 +600,16 @@ def _install_python(rb: RootBuilder) -> None:
         top = rel.split(os.sep, 1)[0]
         if top in STDLIB_DROP or "__pycache__" in rel.split(os.sep):
             return False
-        if rel.startswith("lib-dynload" + os.sep) and LIB_DYNLOAD_DROP.match(os.path.basename(rel)):
-            return False
-        return True
+        dropped_extension = top == "lib-dynload" and LIB_DYNLOAD_DROP.match(os.path.basename(rel))
+        return not dropped_extension
 
     rb.add_tree("usr/lib/python3.11", keep)
-    rb.add_elf_closure(*(str(p.relative_to(rb.root))
-                         for p in sorted((rb.root / "usr/lib/python3.11/lib-dynload").glob("*.so"))))
+    rb.add_elf_closure(
+        *(
+            str(p.relative_to(rb.root))
+            for p in sorted((rb.root / "usr/lib/python3.11/lib-dynload").glob("*.so"))
+        )
+    )
     (rb.root / GUEST_SITE_PACKAGES).mkdir(parents=True, exist_ok=True)
 
 
@@ -550,7 +626,7 @@ def _ldconfig(root: Path) -> None:
         raise ImageError("ldconfig -r wrote no ld.so.cache")
 
 
-def _pyproject() -> dict:
+def _pyproject() -> dict[str, Any]:
     path = REPO_ROOT / "pyproject.toml"
     if not path.exists():
         return {}
@@ -558,7 +634,8 @@ def _pyproject() -> dict:
         import tomllib
     except ModuleNotFoundError:  # Python 3.10
         return {}
-    return tomllib.loads(path.read_text())
+    data: dict[str, Any] = tomllib.loads(path.read_text())
+    return data
 
 
 def project_dependencies() -> list[str]:
@@ -567,22 +644,38 @@ def project_dependencies() -> list[str]:
 
 def project_entry_point() -> str:
     scripts = _pyproject().get("project", {}).get("scripts", {})
-    return scripts.get("petitkexec", FALLBACK_ENTRY_POINT)
+    return str(scripts.get("petitkexec", FALLBACK_ENTRY_POINT))
 
 
 def _pip() -> list[str]:
     for python in (sys.executable, "/usr/bin/python3"):
-        if subprocess.run([python, "-m", "pip", "--version"], capture_output=True,
-                          check=False).returncode == 0:
+        if (
+            subprocess.run(
+                [python, "-m", "pip", "--version"], capture_output=True, check=False
+            ).returncode
+            == 0
+        ):
             return [python, "-m", "pip"]
-    raise ImageError("no pip on this host: apt-get install python3-pip (see .ci/vm-deps.sh)")
+    raise ImageError("no pip on this host: apt-get install python3-pip (see .ci/apt-packages)")
 
 
 def _pip_install(target: Path, args: list[str]) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [*_pip(), "install", "--target", str(target), "--no-compile", "--quiet",
-         "--disable-pip-version-check", "--no-warn-script-location", *args],
-        capture_output=True, text=True, stdin=subprocess.DEVNULL, check=False,
+        [
+            *_pip(),
+            "install",
+            "--target",
+            str(target),
+            "--no-compile",
+            "--quiet",
+            "--disable-pip-version-check",
+            "--no-warn-script-location",
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
+        check=False,
     )
 
 
@@ -591,8 +684,17 @@ def build_deps_layer(out: Path) -> Path:
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         root = Path(tmp)
         site = root / GUEST_SITE_PACKAGES
-        proc = _pip_install(site, ["--python-version", "3.11", "--only-binary=:all:",
-                                   "--implementation", "py", *project_dependencies()])
+        proc = _pip_install(
+            site,
+            [
+                "--python-version",
+                "3.11",
+                "--only-binary=:all:",
+                "--implementation",
+                "py",
+                *project_dependencies(),
+            ],
+        )
         if proc.returncode != 0:
             raise ImageError(f"pip could not install the dependencies:\n{proc.stderr}")
         shutil.rmtree(site / "bin", ignore_errors=True)
@@ -628,20 +730,39 @@ def build_project_layer(out: Path) -> tuple[Path, str]:
             # Build from a copy: pip's in-tree build would write build/ and *.egg-info into the
             # working tree that someone else is editing.
             work = Path(tmp) / "src"
-            shutil.copytree(REPO_ROOT, work, ignore=shutil.ignore_patterns(
-                ".git", ".cache", ".venv", "build", "dist", "*.egg-info", "__pycache__",
-                ".mypy_cache", ".ruff_cache", ".pytest_cache", ".hypothesis", "tests", "bench"))
+            shutil.copytree(
+                REPO_ROOT,
+                work,
+                ignore=shutil.ignore_patterns(
+                    ".git",
+                    ".cache",
+                    ".venv",
+                    "build",
+                    "dist",
+                    "*.egg-info",
+                    "__pycache__",
+                    ".mypy_cache",
+                    ".ruff_cache",
+                    ".pytest_cache",
+                    ".hypothesis",
+                    "tests",
+                    "bench",
+                ),
+            )
             proc = _pip_install(site, ["--no-deps", "--no-build-isolation", str(work)])
             if proc.returncode != 0:
                 proc = _pip_install(site, ["--no-deps", str(work)])
             if proc.returncode == 0:
                 how = "pip"
             else:
-                log("pip install of the working tree failed; copying petitkexec/ as is:\n"
-                    + proc.stderr.strip()[-2000:])
+                log(
+                    "pip install of the working tree failed; copying petitkexec/ as is:\n"
+                    + proc.stderr.strip()[-2000:]
+                )
                 shutil.rmtree(site, ignore_errors=True)
-                shutil.copytree(source, site / "petitkexec",
-                                ignore=shutil.ignore_patterns("__pycache__"))
+                shutil.copytree(
+                    source, site / "petitkexec", ignore=shutil.ignore_patterns("__pycache__")
+                )
                 how = "copied"
         else:
             log("no petitkexec package in the working tree yet: the guest gets only a wrapper")
@@ -672,15 +793,16 @@ class Images:
     project_layer: Path
     project_install: str  # "pip", "copied" or "missing"
     build_dir: Path
-    info: dict
+    info: dict[str, Any]
 
     @property
     def stage1_layers(self) -> list[Path]:
         return [self.stage1_base, self.deps_layer, self.project_layer]
 
 
-def _build_second(pkgroot: Path, build: Path, kver: str, modules: list[str],
-                  modules_dir: Path) -> Path:
+def _build_second(
+    pkgroot: Path, build: Path, kver: str, modules: list[str], modules_dir: Path
+) -> Path:
     rb = RootBuilder(pkgroot, build / "second-root")
     _install_busybox(rb)
     _install_guest_scripts(rb, "init-second", kver, modules, modules_dir)
@@ -689,8 +811,15 @@ def _build_second(pkgroot: Path, build: Path, kver: str, modules: list[str],
     return out
 
 
-def _build_stage1(pkgroot: Path, build: Path, kver: str, modules: list[str],
-                  modules_dir: Path, vmlinuz: Path, second: Path) -> Path:
+def _build_stage1(
+    pkgroot: Path,
+    build: Path,
+    kver: str,
+    modules: list[str],
+    modules_dir: Path,
+    vmlinuz: Path,
+    second: Path,
+) -> Path:
     rb = RootBuilder(pkgroot, build / "stage1-root")
     _install_busybox(rb)
     _install_guest_scripts(rb, "init-stage1", kver, modules, modules_dir)
@@ -699,7 +828,9 @@ def _build_stage1(pkgroot: Path, build: Path, kver: str, modules: list[str],
     rb.add_elf_closure("sbin/kexec")
     rb.symlink("usr/sbin/kexec", "/sbin/kexec")
     _install_python(rb)
-    rb.add_elf_closure("usr/lib/x86_64-linux-gnu/libudev.so.1")  # for pyudev (ctypes)
+    # pyudev loads libudev through ctypes.util.find_library("udev"), which parses the output
+    # of `/sbin/ldconfig -p`: it needs both the ld cache and the ldconfig binary.
+    rb.add_elf_closure("usr/lib/x86_64-linux-gnu/libudev.so.1", "sbin/ldconfig")
     rb.add_elf_closure("usr/bin/umockdev-record", "bin/udevadm")
     rb.symlink("usr/bin/udevadm", "/bin/udevadm")
     rb.add_elf_closure("usr/sbin/nvme")
@@ -714,9 +845,16 @@ def _build_stage1(pkgroot: Path, build: Path, kver: str, modules: list[str],
 
 def build_images(*, force: bool = False, project: bool = True) -> Images:
     """Build (or reuse) the cached images; rebuild the petitkexec layer unless project=False."""
-    started = time.monotonic()
     cache = cache_dir()
     cache.mkdir(parents=True, exist_ok=True)
+    # Two test runs in one checkout would otherwise delete each other's half-built images.
+    with open(cache / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _build_images(cache, force=force, project=project)
+
+
+def _build_images(cache: Path, *, force: bool, project: bool) -> Images:
+    started = time.monotonic()
     packages = fetch_packages(cache / "debs")
     kpkg = next(n for n in packages if n.startswith("linux-image-") and n.endswith("-amd64"))
     deb_names = sorted(p.name for p in packages.values())
@@ -813,19 +951,25 @@ def make_ext4_image(path: Path, files: dict[str, str | bytes], size_mb: int = 64
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--force", action="store_true", help="rebuild the cached images too")
-    parser.add_argument("--no-project", action="store_true",
-                        help="do not rebuild the petitkexec layer")
+    parser.add_argument(
+        "--no-project", action="store_true", help="do not rebuild the petitkexec layer"
+    )
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     args = parser.parse_args(argv)
     started = time.monotonic()
     images = build_images(force=args.force, project=not args.no_project)
-    result = {k: str(v) if isinstance(v, Path) else v
-              for k, v in dataclasses.asdict(images).items() if k != "info"}
+    result = {
+        k: str(v) if isinstance(v, Path) else v
+        for k, v in dataclasses.asdict(images).items()
+        if k != "info"
+    }
     result["seconds"] = round(time.monotonic() - started, 1)
-    result["sizes"] = {p.name: p.stat().st_size for p in
-                       (images.kernel, *images.stage1_layers)}
-    print(json.dumps(result, indent=1) if args.json else
-          "\n".join(f"{k}: {v}" for k, v in result.items()))
+    result["sizes"] = {p.name: p.stat().st_size for p in (images.kernel, *images.stage1_layers)}
+    print(
+        json.dumps(result, indent=1)
+        if args.json
+        else "\n".join(f"{k}: {v}" for k, v in result.items())
+    )
     return 0
 
 

@@ -21,6 +21,9 @@ load_modules() {
     kver=$(uname -r)
     while read -r ko; do
         [ -n "$ko" ] || continue
+        name=${ko##*/}; name=${name%.ko}
+        # The kernel may have loaded it already through request_module (busybox modprobe).
+        [ -d "/sys/module/$(echo "$name" | tr - _)" ] && continue
         if ! err=$(insmod "/lib/modules/$kver/$ko" 2>&1); then
             echo "MODULE-FAIL $ko $err"
         fi

@@ -1,0 +1,98 @@
+"""The real-kernel lane: every test here boots a QEMU q35 guest (TCG) and is marked `vm`.
+
+Deselect locally with `-m 'not vm'`. Missing host tools skip the lane locally, but fail it in
+CI (CI=true): there the lane must run. `.ci/run` installs what it needs (`.ci/apt-packages`).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+from tests.vm import guest, image  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+HOST_TOOLS = (
+    "qemu-system-x86_64",
+    "apt-get",
+    "apt-cache",
+    "dpkg-deb",
+    "depmod",
+    "ldconfig",
+    "mke2fs",
+)
+_TIMINGS = pytest.StashKey[list[tuple[str, str]]]()
+
+
+def in_ci() -> bool:
+    return os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if HERE in Path(str(item.fspath)).resolve().parents:
+            item.add_marker(pytest.mark.vm)
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:  # type: ignore[no-untyped-def]
+    timings = config.stash.get(_TIMINGS, [])
+    if timings:
+        terminalreporter.section("vm lane timings")
+        for name, value in timings:
+            terminalreporter.write_line(f"{name}: {value}")
+
+
+@pytest.fixture(scope="session")
+def record_timing(pytestconfig: pytest.Config) -> Callable[[str, str], None]:
+    """record_timing(name, value): shown in the 'vm lane timings' section after the run."""
+    return lambda name, value: pytestconfig.stash.setdefault(_TIMINGS, []).append((name, value))
+
+
+@pytest.fixture(scope="session")
+def vm_images(record_timing: Callable[[str, str], None]) -> image.Images:
+    """The guest images: cached base, petitkexec layer rebuilt from the tree this session."""
+    missing = [
+        tool
+        for tool in HOST_TOOLS
+        if shutil.which(tool) is None
+        and not Path("/sbin", tool).exists()
+        and not Path("/usr/sbin", tool).exists()
+    ]
+    if missing:
+        message = f"real-kernel lane needs {', '.join(missing)}: see .ci/apt-packages"
+        if in_ci():
+            pytest.fail(message)
+        pytest.skip(message)
+    started = time.monotonic()
+    images = image.current_images()
+    record_timing(
+        "image build (this session)",
+        f"{time.monotonic() - started:.1f}s (petitkexec layer: {images.project_install})",
+    )
+    return images
+
+
+@pytest.fixture
+def boot(
+    vm_images: image.Images,
+    request: pytest.FixtureRequest,
+    record_timing: Callable[[str, str], None],
+) -> Iterator[Callable[..., guest.GuestRun]]:
+    """boot(scenario, **kwargs) -> GuestRun, with this session's images; times are reported."""
+
+    def _boot(scenario: str, **kwargs: object) -> guest.GuestRun:
+        run = guest.boot_guest(scenario, images=vm_images, **kwargs)  # type: ignore[arg-type]
+        record_timing(f"{request.node.name} wall", f"{run.wall_seconds:.1f}s (log {run.log_path})")
+        return run
+
+    yield _boot

@@ -1,0 +1,488 @@
+"""Boot the lane's q35 guest under TCG, run a scenario, and observe the kexec into a second kernel.
+
+    run = boot_guest("petitkexec exec --kexec /usr/sbin/kexec-readback ...")
+    assert run.second_up, run.tail()
+
+The guest (tests/vm/guest/init-stage1) loads the devices' drivers, `kexec -l`s the second
+kernel, prints STAGE1-READY, runs the scenario with busybox sh, prints `SCENARIO-EXIT <n>` and
+powers off. If the scenario kexecs, the second kernel (tests/vm/guest/init-second) prints
+`PETITKEXEC-SECOND-UP <marker>`, its devices and drivers, runs the second scenario and powers off.
+
+QEMU is always killed when `timeout` runs out, and when power-off does not follow the final
+line within `poweroff_grace` seconds (a hung device shutdown): a test run never hangs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+from typing import IO, Any
+
+from . import image
+
+QEMU = "qemu-system-x86_64"
+VIRTFS_TAG = "host0"
+MEMORY = "1G"
+KEEP_LOGS = 100  # serial logs kept in .cache/vm/runs/
+
+# The PCI topology (X86-LANE.md), with fixed slots so BDFs are the same on every boot. Bus
+# numbers follow the guest's depth-first enumeration of the root ports at 00:02.0..00:07.0.
+TOPOLOGY: tuple[str, ...] = (
+    *(
+        f"-device pcie-root-port,id=rp{n},chassis={n},slot={n},bus=pcie.0,addr={n + 1:#x}"
+        for n in range(1, 7)
+    ),
+    # 01:00.0 nvme (SR-IOV capable: VFs at 01:00.1, 01:00.2 after setup-sriov)
+    "-device nvme-subsys,id=ss0,nqn=petitkexec-lane",
+    "-device nvme,serial=pkx0001,id=nvme0,bus=rp1,subsys=ss0,sriov_max_vfs=2,"
+    "sriov_vq_flexible=4,sriov_vi_flexible=2,max_ioqpairs=8",
+    "-device nvme-ns,drive=nvmedisk,bus=nvme0,nsid=1",
+    # NICs get romfile= (no iPXE option ROM): SeaBIOS boots faster and nothing uses PXE.
+    # 02:00.0 e1000e
+    "-netdev user,id=n0,restrict=on",
+    "-device e1000e,romfile=,netdev=n0,bus=rp2,mac=52:54:00:00:00:10",
+    # 03:00.0 xHCI
+    "-device qemu-xhci,id=xhci0,bus=rp3",
+    # 04:00.0 virtio-net
+    "-netdev user,id=n1,restrict=on",
+    "-device virtio-net-pci,romfile=,netdev=n1,bus=rp4,mac=52:54:00:00:00:11",
+    # 05:00.0 PCIe-to-PCI bridge, 06:01.0 e1000 behind it
+    "-device pcie-pci-bridge,id=pb1,bus=rp5",
+    "-netdev user,id=n2,restrict=on",
+    "-device e1000,romfile=,netdev=n2,bus=pb1,addr=1,mac=52:54:00:00:00:12",
+    # 07:00.0 + 07:00.1: one multi-function device with two different drivers
+    "-netdev user,id=n3,restrict=on",
+    "-device e1000e,romfile=,netdev=n3,bus=rp6,addr=0.0,multifunction=on,mac=52:54:00:00:00:13",
+    "-device virtio-rng-pci,bus=rp6,addr=0.1",
+    # 00:08.0 virtio-rng on the root bus (a root-complex integrated endpoint)
+    "-device virtio-rng-pci,bus=pcie.0,addr=0x8",
+)
+VIRTFS_BDF = "0000:00:09.0"
+
+# What the topology looks like in the guest once every driver has probed. q35 adds 00:00.0
+# (host bridge), 00:01.0 (VGA, no driver), 00:1f.0 (LPC), 00:1f.2 (ahci), 00:1f.3 (SMBus).
+EXPECTED_DRIVERS: dict[str, str | None] = {
+    "0000:00:00.0": None,
+    "0000:00:01.0": None,
+    "0000:00:02.0": "pcieport",
+    "0000:00:03.0": "pcieport",
+    "0000:00:04.0": "pcieport",
+    "0000:00:05.0": "pcieport",
+    "0000:00:06.0": "pcieport",
+    "0000:00:07.0": "pcieport",
+    "0000:00:08.0": "virtio-pci",
+    "0000:00:1f.0": None,
+    "0000:00:1f.2": "ahci",
+    "0000:00:1f.3": None,
+    "0000:01:00.0": "nvme",
+    "0000:02:00.0": "e1000e",
+    "0000:03:00.0": "xhci_hcd",
+    "0000:04:00.0": "virtio-pci",
+    "0000:05:00.0": None,
+    "0000:06:01.0": "e1000",
+    "0000:07:00.0": "e1000e",
+    "0000:07:00.1": "virtio-pci",
+}
+
+_PRINTK_TIME = re.compile(r"^\[\s*(\d+\.\d+)\]\s")
+_UPTIME = re.compile(r"\buptime=(\d+\.\d+)")
+_READBACK = re.compile(
+    r"^READBACK (?P<bdf>\S+) driver=(?P<driver>\S+) command=(?P<command>[0-9a-fA-F]{4}|----)"
+    r" tag=(?P<tag>\S+)"
+)
+_KV_LINE = re.compile(r"^(?P<key>SECOND-DEVICE) (?P<bdf>\S+) driver=(?P<driver>\S+)")
+
+
+@dataclasses.dataclass(frozen=True)
+class ReadbackLine:
+    """One `READBACK <bdf> driver=<d> command=<hhhh> tag=<t>` line from the guest."""
+
+    bdf: str
+    driver: str | None
+    command: int | None  # None when config could not be read
+    tag: str
+
+    @property
+    def bus_master(self) -> bool | None:
+        return None if self.command is None else bool(self.command & 0x0004)
+
+
+@dataclasses.dataclass
+class GuestRun:
+    """What one boot showed. Times: `guest_times` are guest clocks, `host_times` are seconds
+    after QEMU started at which a line arrived on the serial console."""
+
+    log: str
+    log_path: Path
+    marker: str
+    timed_out: bool
+    poweroff_hung: bool
+    qemu_returncode: int | None
+    wall_seconds: float
+    exit_code: int | None  # SCENARIO-EXIT; None if the scenario never returned (kexec'd)
+    stage1_ready: bool
+    second_up: bool  # PETITKEXEC-SECOND-UP with this run's marker
+    second_done: bool
+    second_scenario_exit: int | None
+    second_devices: dict[str, str | None]
+    second_nvme: list[str]
+    second_net: list[str]
+    second_usb: list[str]
+    readback_snapshots: list[tuple[str, list[ReadbackLine]]]
+    guest_times: dict[str, float]
+    host_times: dict[str, float]
+    capture_path: Path | None = None
+    qemu_args: list[str] = dataclasses.field(default_factory=list)
+
+    @property
+    def readbacks(self) -> dict[str, dict[str, ReadbackLine]]:
+        """The last read-back taken with each tag, by BDF."""
+        return {tag: {line.bdf: line for line in lines} for tag, lines in self.readback_snapshots}
+
+    def readback(self, tag: str) -> dict[str, ReadbackLine]:
+        try:
+            return self.readbacks[tag]
+        except KeyError:
+            raise AssertionError(f"no read-back tagged {tag!r}\n{self.tail()}") from None
+
+    def lines_starting(self, prefix: str) -> list[str]:
+        return [line for line in self.log.splitlines() if line.startswith(prefix)]
+
+    @property
+    def kexec_to_second_guest_seconds(self) -> float | None:
+        """Guest clocks: KEXEC-START -> "Starting new kernel" (stage 1's printk clock) plus the
+        second kernel's uptime at its marker. Purgatory and decompression, before the second
+        kernel's clock starts, are not in it: compare kexec_to_second_host_seconds."""
+        t = self.guest_times
+        if not {"kexec_start", "starting_new_kernel", "second_up"} <= t.keys():
+            return None
+        return t["starting_new_kernel"] - t["kexec_start"] + t["second_up"]
+
+    @property
+    def kexec_to_second_host_seconds(self) -> float | None:
+        t = self.host_times
+        if "KEXEC-START" not in t or "PETITKEXEC-SECOND-UP" not in t:
+            return None
+        return t["PETITKEXEC-SECOND-UP"] - t["KEXEC-START"]
+
+    def tail(self, lines: int = 60) -> str:
+        state = (
+            f"[timed_out={self.timed_out} poweroff_hung={self.poweroff_hung} "
+            f"exit={self.exit_code} second_up={self.second_up} log={self.log_path}]"
+        )
+        return "\n".join([*self.log.splitlines()[-lines:], state])
+
+
+class _SerialReader(threading.Thread):
+    """Reads QEMU's stdout (the guest's ttyS0) line by line, stamping each line on arrival."""
+
+    def __init__(self, stream: IO[bytes], log_file: IO[bytes], started: float, echo: bool) -> None:
+        super().__init__(daemon=True)
+        self.stream, self.log_file, self.started, self.echo = stream, log_file, started, echo
+        self.lines: list[tuple[float, str]] = []
+        self.lock = threading.Lock()
+        self.final_line_at: float | None = None
+
+    def run(self) -> None:
+        pending = b""
+        while True:
+            chunk = os.read(self.stream.fileno(), 65536)
+            if not chunk:
+                break
+            self.log_file.write(chunk)
+            self.log_file.flush()
+            if self.echo:
+                sys.stderr.buffer.write(chunk)
+                sys.stderr.flush()
+            pending += chunk
+            *complete, pending = pending.split(b"\n")
+            now = time.monotonic() - self.started
+            with self.lock:
+                for raw in complete:
+                    line = raw.decode("utf-8", "replace").replace("\r", "")
+                    self.lines.append((now, line))
+                    if line.startswith(("SCENARIO-EXIT ", "SECOND-DONE")):
+                        self.final_line_at = time.monotonic()
+        if pending:
+            self.lines.append(
+                (
+                    time.monotonic() - self.started,
+                    pending.decode("utf-8", "replace").replace("\r", ""),
+                )
+            )
+
+
+def _qemu_command(
+    images: image.Images,
+    initrd: Path,
+    disk: Path,
+    *,
+    append: str,
+    virtfs_dir: Path | None,
+    capture_path: Path | None,
+    extra_qemu_args: Sequence[str],
+) -> list[str]:
+    qemu = shutil.which(QEMU)
+    if qemu is None:
+        raise RuntimeError(f"{QEMU} not found: see .ci/apt-packages")
+    args = [
+        qemu,
+        "-machine",
+        "q35",
+        "-accel",
+        "tcg",
+        "-m",
+        MEMORY,
+        "-smp",
+        "1",
+        "-nographic",
+        "-no-reboot",
+        "-serial",
+        "mon:stdio",
+        "-kernel",
+        str(images.kernel),
+        "-initrd",
+        str(initrd),
+        "-append",
+        append,
+        "-drive",
+        f"if=none,id=nvmedisk,file={disk},format=raw",
+    ]
+    for option in TOPOLOGY:
+        args += option.split(" ", 1)
+    if capture_path is not None:
+        args += ["-serial", f"file:{capture_path}"]
+    if virtfs_dir is not None:
+        args += [
+            "-fsdev",
+            f"local,id=fs0,path={virtfs_dir},security_model=none",
+            "-device",
+            f"virtio-9p-pci,fsdev=fs0,mount_tag={VIRTFS_TAG},bus=pcie.0,"
+            f"addr={VIRTFS_BDF.split(':')[2].split('.')[0]}",
+        ]
+    return [*args, *extra_qemu_args]
+
+
+def _run_layer(
+    path: Path,
+    *,
+    scenario: str,
+    second_scenario: str | None,
+    marker: str,
+    load_second: bool,
+    second_append: str,
+    virtfs: bool,
+) -> Path:
+    """The run's own initramfs layer: /scenario.sh, /etc/stage1.conf and the second scenario
+    (as a cpio that stage 1 appends to the second kernel's initramfs)."""
+    second_files = {"second-scenario.sh": second_scenario.encode()} if second_scenario else {}
+    with tempfile.TemporaryDirectory() as tmp:
+        extra = image.write_cpio(
+            None, Path(tmp) / "second-extra.cpio.gz", files=second_files, level=1
+        )
+        conf = (
+            f"MARKER={marker}\nLOAD_SECOND={int(load_second)}\n"
+            f"SECOND_APPEND='{second_append}'\n"
+            f"PK_VIRTFS_TAG={VIRTFS_TAG if virtfs else ''}\nexport PK_VIRTFS_TAG\n"
+        )
+        return image.write_cpio(
+            None,
+            path,
+            level=1,
+            files={
+                "scenario.sh": scenario.encode(),
+                "etc/stage1.conf": conf.encode(),
+                "boot/second-extra.cpio.gz": extra.read_bytes(),
+            },
+        )
+
+
+def _parse(run_lines: list[tuple[float, str]], marker: str) -> dict[str, Any]:
+    guest_times: dict[str, float] = {}
+    host_times: dict[str, float] = {}
+    snapshots: list[tuple[str, list[ReadbackLine]]] = []
+    current: list[ReadbackLine] | None = None
+    parsed: dict[str, Any] = {
+        "exit_code": None,
+        "second_scenario_exit": None,
+        "second_devices": {},
+        "second_nvme": [],
+        "second_net": [],
+        "second_usb": [],
+        "stage1_ready": False,
+        "second_up": False,
+        "second_done": False,
+    }
+    markers = (
+        "STAGE1-BOOT",
+        "STAGE1-SETTLED",
+        "STAGE1-READY",
+        "KEXEC-START",
+        "PETITKEXEC-SECOND-UP",
+        "SECOND-SETTLED",
+        "SECOND-DONE",
+        "SCENARIO-EXIT",
+    )
+    for at, line in run_lines:
+        word = line.split(" ", 1)[0]
+        uptime = _UPTIME.search(line)
+        if word in markers:
+            host_times[word] = at
+            if uptime:
+                guest_times[word.lower().replace("-", "_").replace("petitkexec_", "")] = float(
+                    uptime.group(1)
+                )
+        if word == "STAGE1-READY":
+            parsed["stage1_ready"] = True
+        elif word == "SCENARIO-EXIT":
+            parsed["exit_code"] = int(line.split()[1])
+        elif word == "PETITKEXEC-SECOND-UP":
+            parsed["second_up"] = parsed["second_up"] or line.split()[1:2] == [marker]
+        elif word == "SECOND-DONE":
+            parsed["second_done"] = True
+        elif word == "SECOND-SCENARIO-EXIT":
+            parsed["second_scenario_exit"] = int(line.split()[1])
+        elif word == "SECOND-DEVICE":
+            m = _KV_LINE.match(line)
+            if m:
+                parsed["second_devices"][m["bdf"]] = None if m["driver"] == "-" else m["driver"]
+        elif word in ("SECOND-NVME", "SECOND-NET", "SECOND-USB"):
+            parsed[word.lower().replace("-", "_")].append(line.split()[1])
+        elif word == "READBACK-BEGIN":
+            current = []
+        elif word == "READBACK":
+            m = _READBACK.match(line)
+            if m and current is not None:
+                cmd = None if m["command"] == "----" else int(m["command"], 16)
+                driver = None if m["driver"] == "-" else m["driver"]
+                current.append(ReadbackLine(m["bdf"], driver, cmd, m["tag"]))
+        elif word == "READBACK-END":
+            if current is not None:
+                snapshots.append((line.split("tag=", 1)[1].split()[0], current))
+            current = None
+        elif "kexec_core: Starting new kernel" in line:
+            host_times["starting_new_kernel"] = at
+            m = _PRINTK_TIME.match(line)
+            if m:
+                guest_times["starting_new_kernel"] = float(m.group(1))
+    parsed.update(guest_times=guest_times, host_times=host_times, readback_snapshots=snapshots)
+    return parsed
+
+
+def boot_guest(
+    scenario: str,
+    *,
+    second_scenario: str | None = None,
+    load_second: bool = True,
+    extra_qemu_args: Sequence[str] = (),
+    nvme_image: Path | None = None,
+    virtfs_dir: Path | None = None,
+    capture_path: Path | None = None,
+    kernel_append: str = "",
+    second_append: str = "",
+    timeout: float = 240,
+    poweroff_grace: float = 30,
+    images: image.Images | None = None,
+    echo: bool | None = None,
+) -> GuestRun:
+    """Boot stage 1 with `scenario` (busybox sh script) and return what happened.
+
+    - second_scenario: sh script the second kernel runs after its report;
+    - load_second=False: stage 1 does not `kexec -l` (the scenario may load by itself);
+    - nvme_image: raw disk for the nvme namespace (default: a blank 64 MiB file);
+    - virtfs_dir: shared as virtio-9p (tag "host0", at 00:09.0); mount it in the scenario with
+      `mount -t 9p -o trans=virtio,version=9p2000.L host0 /mnt`;
+    - capture_path: a second serial port (guest /dev/ttyS1) written to this host file;
+    - echo: copy the console to stderr as it arrives (default: $PETITKEXEC_VM_ECHO).
+    """
+    images = images or image.current_images()
+    echo = bool(os.environ.get("PETITKEXEC_VM_ECHO")) if echo is None else echo
+    runs = image.cache_dir() / "runs"
+    runs.mkdir(parents=True, exist_ok=True)
+    marker = uuid.uuid4().hex[:12]
+    work = Path(tempfile.mkdtemp(prefix=f"run-{marker}-", dir=runs))
+    log_path = runs / f"{marker}.log"
+    for old_log in sorted(runs.glob("*.log"), key=lambda p: p.stat().st_mtime)[:-KEEP_LOGS]:
+        old_log.unlink(missing_ok=True)
+    disk = nvme_image
+    if disk is None:
+        disk = work / "nvme.img"
+        with open(disk, "wb") as f:
+            f.truncate(64 << 20)
+    layer = _run_layer(
+        work / "run.cpio.gz",
+        scenario=scenario,
+        second_scenario=second_scenario,
+        marker=marker,
+        load_second=load_second,
+        second_append=second_append,
+        virtfs=virtfs_dir is not None,
+    )
+    initrd = work / "initrd.cpio.gz"
+    with open(initrd, "wb") as out:
+        for part in [*images.stage1_layers, layer]:
+            with open(part, "rb") as f:
+                shutil.copyfileobj(f, out, 1 << 20)
+    append = f"console=ttyS0 panic=-1 loglevel=6 {kernel_append}".strip()
+    args = _qemu_command(
+        images,
+        initrd,
+        disk,
+        append=append,
+        virtfs_dir=virtfs_dir,
+        capture_path=capture_path,
+        extra_qemu_args=extra_qemu_args,
+    )
+
+    started = time.monotonic()
+    timed_out = poweroff_hung = False
+    with open(log_path, "wb") as log_file:
+        proc = subprocess.Popen(
+            args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        )
+        assert proc.stdout is not None
+        reader = _SerialReader(proc.stdout, log_file, started, echo)
+        reader.start()
+        try:
+            while proc.poll() is None:
+                now = time.monotonic()
+                if now - started > timeout:
+                    timed_out = True
+                    break
+                final = reader.final_line_at
+                if final is not None and now - final > poweroff_grace:
+                    poweroff_hung = True
+                    break
+                time.sleep(0.1)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+            reader.join(timeout=10)
+    wall = time.monotonic() - started
+    with reader.lock:
+        lines = list(reader.lines)
+    parsed = _parse(lines, marker)
+    shutil.rmtree(work, ignore_errors=True)
+    return GuestRun(
+        log="\n".join(line for _, line in lines),
+        log_path=log_path,
+        marker=marker,
+        timed_out=timed_out,
+        poweroff_hung=poweroff_hung,
+        qemu_returncode=proc.returncode,
+        wall_seconds=wall,
+        capture_path=capture_path,
+        qemu_args=args,
+        **parsed,
+    )

@@ -1,0 +1,190 @@
+"""petitkexec in a real kernel: each test boots the q35 guest, runs one petitkexec command and
+checks, from the guest's own read-back (busybox, not petitkexec's report) and from the second
+kernel, what happened."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from tests.vm.guest import EXPECTED_DRIVERS, VIRTFS_BDF, GuestRun
+from tests.vm.image import make_ext4_image
+
+pytestmark = pytest.mark.vm
+
+Boot = Callable[..., GuestRun]
+EXEC = "petitkexec exec --kexec /usr/sbin/kexec-readback"
+NVME = "0000:01:00.0"
+NVME_PORT = "0000:00:02.0"
+REPROBED = {"nvme", "e1000e", "e1000", "xhci_hcd", "virtio-pci", "ahci"}
+
+
+def scenario(body: str) -> str:
+    """Stamp the start of petitkexec so the handoff can be timed on the guest's clock."""
+    return 'read -r up _ < /proc/uptime; echo "PK-START uptime=$up"\n' + body
+
+
+def guest_uptime(run: GuestRun, word: str) -> float:
+    match = re.search(rf"^{word} uptime=(\d+\.\d+)", run.log, re.M)
+    assert match, f"no {word} line\n{run.tail()}"
+    return float(match[1])
+
+
+def exec_to_second_seconds(run: GuestRun) -> float:
+    """PK-START → the second kernel's marker, on guest clocks (as the baseline measures)."""
+    times = run.guest_times
+    return times["starting_new_kernel"] - guest_uptime(run, "PK-START") + times["second_up"]
+
+
+def assert_quiet_before_kexec(run: GuestRun, protected: set[str] = frozenset()) -> None:  # type: ignore[assignment]
+    """Right before the kexec syscall every unprotected function has no driver and BME off."""
+    readback = run.readback("pre-kexec")
+    assert set(readback) >= set(EXPECTED_DRIVERS) - protected, run.tail()
+    loud = {
+        bdf: (line.driver, line.command)
+        for bdf, line in readback.items()
+        if bdf not in protected and (line.driver is not None or line.bus_master)
+    }
+    assert loud == {}, run.tail(120)
+
+
+def assert_second_kernel_reprobed(run: GuestRun) -> None:
+    assert run.second_up, run.tail(120)
+    assert run.second_devices == EXPECTED_DRIVERS | {
+        bdf: driver for bdf, driver in run.second_devices.items() if bdf not in EXPECTED_DRIVERS
+    }, run.tail()
+    assert {d for d in run.second_devices.values() if d} >= REPROBED
+    assert run.second_nvme and len(run.second_net) >= 5 and run.second_usb, run.tail()
+
+
+def test_exec_tears_everything_down_and_the_second_kernel_reprobes(
+    boot: Boot, record_timing: Callable[[str, str], None]
+) -> None:
+    run = boot(scenario(f"{EXEC}\necho PK-EXIT $?\n"))
+    assert run.exit_code is None, run.tail(120)  # the scenario never came back: kexec happened
+    assert_quiet_before_kexec(run)
+    assert_second_kernel_reprobed(run)
+    record_timing(
+        "exec: petitkexec start -> second marker (guest clocks)",
+        f"{exec_to_second_seconds(run):.2f}s",
+    )
+    record_timing(
+        "exec: kexec start -> second marker (guest clocks)",
+        f"{run.kexec_to_second_guest_seconds:.2f}s",
+    )
+    record_timing(
+        "exec: petitkexec start -> kexec start (guest clocks)",
+        f"{guest_uptime(run, 'KEXEC-START') - guest_uptime(run, 'PK-START'):.2f}s",
+    )
+
+
+def test_hot_reset_resets_the_root_ports_through_the_kernel(boot: Boot) -> None:
+    run = boot(scenario(f"{EXEC} --hot-reset\necho PK-EXIT $?\n"))
+    resets = [line for line in run.log.splitlines() if " reset-bus " in line]
+    assert resets and all(" done: " in line for line in resets), run.tail(120)
+    assert not any("raw secondary bus reset" in line for line in resets)
+    assert_quiet_before_kexec(run)
+    assert_second_kernel_reprobed(run)
+
+
+def test_integrity_lockdown_after_load_still_hands_off_and_reports_what_was_achieved(
+    boot: Boot,
+) -> None:
+    run = boot(
+        scenario(
+            "echo integrity > /sys/kernel/security/lockdown\n"
+            "cat /sys/kernel/security/lockdown | sed 's/^/LOCKDOWN-NOW /'\n"
+            f"{EXEC}\necho PK-EXIT $?\n"
+        )
+    )
+    assert "LOCKDOWN-NOW none [integrity] confidentiality" in run.log, run.tail()
+    assert "through enable (config writes blocked: EPERM)" in run.log, run.tail(120)
+    assert_quiet_before_kexec(run)
+    assert_second_kernel_reprobed(run)
+
+
+def test_a_mounted_ext4_on_nvme_is_protected_and_its_fresh_data_survives(
+    boot: Boot, tmp_path: Path
+) -> None:
+    disk = make_ext4_image(tmp_path / "nvme.img", {"hello.txt": "from the host\n"})
+    run = boot(
+        scenario(
+            "mkdir -p /mnt/nvme && mount -t ext4 /dev/nvme0n1 /mnt/nvme\n"
+            "echo fresh-$MARKER > /mnt/nvme/fresh.txt\n"
+            f"{EXEC}\necho PK-EXIT $?\n"
+        ),
+        nvme_image=disk,
+        second_scenario=(
+            "mkdir -p /mnt/nvme && mount -t ext4 -o ro /dev/nvme0n1 /mnt/nvme || exit 1\n"
+            "sed 's/^/NVME-FILE /' /mnt/nvme/fresh.txt\n"
+        ),
+    )
+    assert re.search(rf"{NVME} protect +held: backs /mnt/nvme mounted rw", run.log), run.tail(120)
+    assert re.search(rf"{NVME_PORT} protect +held: above protected {NVME}", run.log)
+    readback = run.readback("pre-kexec")
+    assert readback[NVME].driver == "nvme"
+    assert_quiet_before_kexec(run, protected={NVME, NVME_PORT})
+    assert f"NVME-FILE fresh-{run.marker}" in run.log, run.tail(120)
+
+
+def test_a_mounted_9p_share_is_protected_by_default(boot: Boot, tmp_path: Path) -> None:
+    run = boot(
+        scenario(
+            f"mount -t 9p -o trans=virtio,version=9p2000.L host0 /mnt\n{EXEC}\necho PK-EXIT $?\n"
+        ),
+        virtfs_dir=tmp_path,
+    )
+    assert re.search(rf"{VIRTFS_BDF} protect +held: 9p share 'host0' mounted at /mnt", run.log), (
+        run.tail(120)
+    )
+    assert_quiet_before_kexec(run, protected={VIRTFS_BDF})
+    assert run.second_up, run.tail(120)
+
+
+def test_a_hung_remove_hits_the_deadline_and_there_is_no_handoff(
+    boot: Boot, tmp_path: Path
+) -> None:
+    run = boot(
+        scenario(
+            "mount -t 9p -o trans=virtio,version=9p2000.L host0 /mnt\n"
+            f"{EXEC} --unprotect {VIRTFS_BDF} --unbind-timeout 3\necho PK-EXIT $?\n"
+            "readback after\n"
+        ),
+        virtfs_dir=tmp_path,
+        poweroff_grace=5,
+    )
+    assert "PK-EXIT 5" in run.log, run.tail(120)
+    assert re.search(
+        rf"{VIRTFS_BDF} unbind +hung: virtio-pci remove\(\) did not return within 3 s", run.log
+    ), run.tail(120)
+    assert "stopped: unbind of 0000:00:09.0 did not return within 3 s" in run.log
+    assert "KEXEC-START" not in run.log and not run.second_up
+    after = run.readback("after")  # everything else was rolled back: drivers are bound again
+    assert after["0000:02:00.0"].driver == "e1000e" and after[NVME].driver == "nvme"
+
+
+def test_dry_run_changes_nothing(boot: Boot) -> None:
+    run = boot(scenario(f"readback before\n{EXEC} --dry-run\necho PK-EXIT $?\nreadback after\n"))
+    assert "PK-EXIT 0" in run.log, run.tail(120)
+    assert run.readback("before") == {
+        bdf: line.__class__(line.bdf, line.driver, line.command, "before")
+        for bdf, line in run.readback("after").items()
+    }
+    assert "dry run: would now run /usr/sbin/kexec-readback -e" in run.log
+    assert not run.second_up
+
+
+def test_without_a_loaded_kernel_preflight_refuses_and_touches_nothing(boot: Boot) -> None:
+    run = boot(
+        scenario(f"readback before\n{EXEC}\necho PK-EXIT $?\nreadback after\n"),
+        load_second=False,
+    )
+    assert "PK-EXIT 3" in run.log, run.tail(120)
+    assert "petitkexec: no kernel is loaded for kexec" in run.log
+    before, after = run.readback("before"), run.readback("after")
+    assert {bdf: (line.driver, line.command) for bdf, line in before.items()} == {
+        bdf: (line.driver, line.command) for bdf, line in after.items()
+    }
