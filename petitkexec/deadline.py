@@ -33,9 +33,14 @@ class Child:
     pid: int
     read_end: int  # the child writes one line "ERRNO DETAIL" here when its call returns
     started: float
+    timeout_s: float
+
+    @property
+    def deadline(self) -> float:
+        return self.started + self.timeout_s
 
 
-def start_child(call: Callable[[], None]) -> Child:
+def start_child(call: Callable[[], None], timeout_s: float) -> Child:
     """Fork, run `call` in the child; an OSError it raises comes back as the result's errno."""
     read_end, write_end = os.pipe()
     started = time.monotonic()
@@ -52,18 +57,17 @@ def start_child(call: Callable[[], None]) -> Child:
         os.write(write_end, f"{code} {detail}".encode())
         os._exit(0)
     os.close(write_end)
-    return Child(pid, read_end, started)
+    return Child(pid, read_end, started, timeout_s)
 
 
-def wait_first(children: Collection[Child], timeout_s: float) -> tuple[Child, ChildResult]:
+def wait_first(children: Collection[Child]) -> tuple[Child, ChildResult]:
     """The first child to answer, or the first to pass its deadline (then abandoned)."""
     by_fd = {child.read_end: child for child in children}
     while True:
-        now = time.monotonic()
-        oldest = min(children, key=lambda child: child.started)
-        remaining = oldest.started + timeout_s - now
+        soonest = min(children, key=lambda child: child.deadline)
+        remaining = soonest.deadline - time.monotonic()
         if remaining <= 0:
-            return oldest, _abandon(oldest, timeout_s)
+            return soonest, _abandon(soonest)
         ready, _, _ = select.select(list(by_fd), [], [], remaining)
         if ready:
             child = by_fd[ready[0]]
@@ -71,7 +75,7 @@ def wait_first(children: Collection[Child], timeout_s: float) -> tuple[Child, Ch
 
 
 def run_with_deadline(call: Callable[[], None], timeout_s: float) -> ChildResult:
-    return wait_first([start_child(call)], timeout_s)[1]
+    return wait_first([start_child(call, timeout_s)])[1]
 
 
 def _collect(child: Child) -> ChildResult:
@@ -83,7 +87,7 @@ def _collect(child: Child) -> ChildResult:
     return ChildResult(True, code, detail, child.pid, time.monotonic() - child.started)
 
 
-def _abandon(child: Child, timeout_s: float) -> ChildResult:
+def _abandon(child: Child) -> ChildResult:
     # The child may sit in uninterruptible sleep and never die; do not wait for it.
     os.kill(child.pid, signal.SIGKILL)
     os.close(child.read_end)
@@ -92,7 +96,7 @@ def _abandon(child: Child, timeout_s: float) -> ChildResult:
     return ChildResult(
         False,
         errno.ETIMEDOUT,
-        f"no answer after {timeout_s:g} s",
+        f"no answer after {child.timeout_s:g} s",
         child.pid,
         time.monotonic() - child.started,
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
+import functools
 import itertools
 import signal
 import time
@@ -35,6 +36,8 @@ SBR_SETTLE_S = 0.1
 SBR_ANSWER_DEADLINE_S = 1.0
 DEFAULT_UNBIND_TIMEOUT_S = 5.0
 DEFAULT_JOBS = 8
+# The kernel itself waits up to 60 s for devices answering CRS after a reset.
+RESET_TIMEOUT_S = 75.0
 
 
 class Status(Enum):
@@ -135,12 +138,13 @@ OutcomeCallback = Callable[[int, int, StepOutcome], None]
 
 
 @dataclass(frozen=True)
-class _PendingUnbind:
+class _Pending:
+    """A step whose blocking kernel call runs in `child`; `finish` reads its result."""
+
     step: Step
-    driver: str
-    original_override: str | None
     child: Child
     began: float
+    finish: Callable[[ChildResult], StepOutcome]
 
 
 @dataclass
@@ -182,40 +186,50 @@ class Teardown:
         )
 
     def _run_wave(self, steps: list[Step]) -> list[StepOutcome]:
-        """Unbinds side by side (one at a time per multi-function slot, at most `jobs`),
-        then the quick steps; no new step starts after a hang or a signal."""
+        """Unbinds and resets side by side (one at a time per multi-function slot, at most
+        `jobs`), then the quick steps; no new step starts after a hang or a signal."""
         results: dict[int, StepOutcome] = {}
-        parallel = [
+        slow = [
             i
             for i, step in enumerate(steps)
-            if step.action is Action.UNBIND and not self.options.dry_run
+            if step.action in (Action.UNBIND, Action.RESET_BUS) and not self.options.dry_run
         ]
-        running: dict[Child, tuple[int, _PendingUnbind]] = {}
+        running: dict[Child, tuple[int, _Pending]] = {}
         busy_slots: set[tuple[int, int, int]] = set()
-        while parallel or running:
+        while slow or running:
             if self._should_stop(results):
-                parallel.clear()
-            for i in list(parallel):
+                slow.clear()
+            for i in list(slow):
                 if len(running) >= self.options.jobs:
                     break
                 if steps[i].bdf.slot in busy_slots:
                     continue
-                parallel.remove(i)
-                started = self._begin_unbind(steps[i])
+                slow.remove(i)
+                started = self._begin(steps[i])
                 if isinstance(started, StepOutcome):
-                    results[i] = started
+                    results[i] = self._with_elapsed(started, time.monotonic())
                 else:
                     running[started.child] = (i, started)
                     busy_slots.add(steps[i].bdf.slot)
             if running:
-                child, result = wait_first(running, self.options.unbind_timeout_s)
+                child, result = wait_first(running)
                 i, pending = running.pop(child)
                 busy_slots.discard(steps[i].bdf.slot)
-                results[i] = self._finish_unbind(pending, result)
+                results[i] = self._with_elapsed(pending.finish(result), pending.began)
         for i, step in enumerate(steps):
             if i not in results and not self._should_stop(results):
                 results[i] = self._timed(step)
         return [results[i] for i in sorted(results)]
+
+    def _begin(self, step: Step) -> StepOutcome | _Pending:
+        if step.action is Action.UNBIND:
+            return self._begin_unbind(step)
+        return self._begin_reset(step)
+
+    @staticmethod
+    def _with_elapsed(outcome: StepOutcome, began: float) -> StepOutcome:
+        elapsed_ms = round((time.monotonic() - began) * 1000, 2)
+        return dataclasses.replace(outcome, elapsed_ms=elapsed_ms)
 
     def _should_stop(self, results: dict[int, StepOutcome]) -> bool:
         hung = any(outcome.status is Status.HUNG for outcome in results.values())
@@ -259,23 +273,19 @@ class Teardown:
                 driver_after=self.kernel.driver(step.bdf),
                 command_after=self.kernel.read_command(step.bdf),
             )
-        if step.action is Action.UNBIND:
-            return self._unbind(step)
         if step.action is Action.CLEAR_BUS_MASTER:
             return self._clear_bus_master(step)
-        return self._reset_bus(step)
+        return self._wait(self._begin(step))
 
     # -- unbind ------------------------------------------------------------------------------
 
-    def _unbind(self, step: Step) -> StepOutcome:
-        started = self._begin_unbind(step)
+    def _wait(self, started: StepOutcome | _Pending) -> StepOutcome:
+        """One step's child, waited for alone (the one-at-a-time path)."""
         if isinstance(started, StepOutcome):
             return started
-        return self._finish_unbind(
-            started, wait_first([started.child], self.options.unbind_timeout_s)[1]
-        )
+        return started.finish(wait_first([started.child])[1])
 
-    def _begin_unbind(self, step: Step) -> StepOutcome | _PendingUnbind:
+    def _begin_unbind(self, step: Step) -> StepOutcome | _Pending:
         bdf, kernel, began = step.bdf, self.kernel, time.monotonic()
         driver = kernel.driver(bdf)
         if not kernel.exists(bdf):
@@ -290,18 +300,18 @@ class Teardown:
             return StepOutcome(
                 step, Status.FAILED, f"driver_override: {error}", driver_after=driver
             )
-        return _PendingUnbind(
-            step, driver, original_override, kernel.start_unbind(bdf, driver), began
+        child = kernel.start_unbind(bdf, driver, self.options.unbind_timeout_s)
+        return _Pending(
+            step,
+            child,
+            began,
+            functools.partial(self._unbind_outcome, step, driver, original_override),
         )
 
-    def _finish_unbind(self, pending: _PendingUnbind, result: ChildResult) -> StepOutcome:
-        outcome = self._unbind_outcome(pending, result)
-        elapsed_ms = round((time.monotonic() - pending.began) * 1000, 2)
-        return dataclasses.replace(outcome, elapsed_ms=elapsed_ms)
-
-    def _unbind_outcome(self, pending: _PendingUnbind, result: ChildResult) -> StepOutcome:
-        step, driver, kernel = pending.step, pending.driver, self.kernel
-        bdf, original_override = step.bdf, pending.original_override
+    def _unbind_outcome(
+        self, step: Step, driver: str, original_override: str | None, result: ChildResult
+    ) -> StepOutcome:
+        bdf, kernel = step.bdf, self.kernel
         if not result.finished:
             return StepOutcome(
                 step,
@@ -450,54 +460,51 @@ class Teardown:
 
     # -- secondary bus reset -----------------------------------------------------------------
 
-    def _reset_bus(self, step: Step) -> StepOutcome:
-        bridge, kernel = step.bdf, self.kernel
-        tried = []
+    def _begin_reset(self, step: Step) -> StepOutcome | _Pending:
+        """The kernel's own secondary bus reset, which saves and restores the config of
+        everything below (bus master included, as we left it: off)."""
+        bridge, kernel, began = step.bdf, self.kernel, time.monotonic()
         if kernel.has_attribute(bridge, "reset_subordinate"):
-            try:
-                kernel.write_attribute(bridge, "reset_subordinate", "1")
-            except KernelWriteFailed as error:
-                # ENOTTY: a device below is quirked NO_BUS_RESET; EAGAIN: could not lock all.
-                tried.append(f"reset_subordinate: {errno.errorcode.get(error.errno, error.errno)}")
-            else:
-                return self._after_reset(step, "reset_subordinate")
+            # ENOTTY: a device below is quirked NO_BUS_RESET, or the link did not come back
+            # within the kernel's wait; EAGAIN: it could not lock every device below.
+            how = "reset_subordinate"
+            child = kernel.start_reset_subordinate(bridge, RESET_TIMEOUT_S)
+            return _Pending(step, child, began, functools.partial(self._reset_outcome, step, how))
         children = [bdf for bdf in self.topology.children(bridge) if kernel.exists(bdf)]
-        if (
-            len(children) == 1
-            and "bus" in (kernel.read_attribute(children[0], "reset_method") or "").split()
-        ):
-            return self._reset_through_child(step, children[0], tried)
-        if len(children) != 1:
-            tried.append(f"{len(children)} functions on the bus, so no per-function bus reset")
-        else:
-            tried.append(f"{children[0]} has no 'bus' reset method")
+        methods = kernel.read_attribute(children[0], "reset_method") if len(children) == 1 else None
+        if methods is not None and "bus" in methods.split():
+            how = f"bus reset through {children[0]} (reset_method bus)"
+            child = kernel.start_function_bus_reset(children[0], RESET_TIMEOUT_S)
+            return _Pending(step, child, began, functools.partial(self._reset_outcome, step, how))
+        why = (
+            f"{len(children)} functions on the bus"
+            if len(children) != 1
+            else f"{children[0]} has no 'bus' reset method"
+        )
         if not self.options.raw_sbr:
             return StepOutcome(
                 step,
                 Status.FAILED,
-                "no kernel-mediated reset: "
-                + "; ".join(tried)
-                + " (--raw-sbr allows a raw secondary bus reset)",
+                f"no kernel-mediated reset (no "
+                f"reset_subordinate; {why}); --raw-sbr allows a raw one",
             )
         if kernel.is_powernv():
             # A raw SBR bypasses OPAL (pnv_pci_reset_secondary_bus) and freezes the EEH PE.
             return StepOutcome(step, Status.FAILED, "raw SBR refused on PowerNV (bypasses OPAL)")
         return self._raw_secondary_bus_reset(step)
 
-    def _reset_through_child(self, step: Step, child: Bdf, tried: list[str]) -> StepOutcome:
-        """`reset` with reset_method `bus`: pci_parent_bus_reset(), the kernel saving and
-        restoring the child's config (with bus master as we left it: off)."""
-        kernel = self.kernel
-        methods = kernel.read_attribute(child, "reset_method") or ""
-        try:
-            kernel.write_attribute(child, "reset_method", "bus")
-            try:
-                kernel.write_attribute(child, "reset", "1")
-            finally:
-                kernel.write_attribute(child, "reset_method", methods or "default")
-        except KernelWriteFailed as error:
-            return StepOutcome(step, Status.FAILED, "; ".join([*tried, f"{child} reset: {error}"]))
-        return self._after_reset(step, f"bus reset through {child} (reset_method bus)")
+    def _reset_outcome(self, step: Step, how: str, result: ChildResult) -> StepOutcome:
+        if not result.finished:
+            return StepOutcome(
+                step,
+                Status.FAILED,
+                f"{how}: no answer within {RESET_TIMEOUT_S:g} s (child {result.pid} abandoned)",
+            )
+        if result.errno:
+            name = errno.errorcode.get(result.errno, str(result.errno))
+            outcome = self._after_reset(step, f"{how} refused: {name}")
+            return dataclasses.replace(outcome, status=Status.FAILED)
+        return self._after_reset(step, how)
 
     def _raw_secondary_bus_reset(self, step: Step) -> StepOutcome:
         bridge, kernel = step.bdf, self.kernel

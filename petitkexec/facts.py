@@ -161,6 +161,15 @@ def _functions_behind_block_device(sysfs_root: Path, device: tuple[int, int]) ->
             continue
         seen.add(node)
         lower = [*_entries(node / "slaves"), *_entries(node / "multipath")]
+        if not lower and node.parent.parent.name == "nvme-subsystem":
+            # An nvme multipath head (.../nvme-subsystem/nvme-subsysN/nvmeXnY): kernels before
+            # its `multipath/` directory only link the subsystem to its controllers, any of
+            # which may carry the I/O.
+            lower = [
+                entry
+                for entry in _entries(node.parent)
+                if entry.is_symlink() and re.fullmatch(r"nvme\d+", entry.name)
+            ]
         if node.parent.name != "block" and (node / "partition").exists():
             lower.append(node.parent)  # a partition sits inside its disk's directory
         if lower:

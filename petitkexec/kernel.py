@@ -6,6 +6,7 @@ simulated kernel in the tests can react to them as the real one does.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import time
@@ -120,11 +121,32 @@ class Kernel:
         # An empty write clears the override (driver_override_store()).
         self._write(self.device_dir(bdf) / "driver_override", value or "\n")
 
-    def start_unbind(self, bdf: Bdf, driver: str) -> Child:
-        """Write the address to the driver's `unbind` in a child that may be abandoned
-        (the write runs remove() and may never return); see petitkexec.deadline."""
+    # The calls below block in the kernel (remove(), link training after a reset) and run in
+    # a child that may be abandoned at its deadline; see petitkexec.deadline.
+
+    def start_unbind(self, bdf: Bdf, driver: str, timeout_s: float) -> Child:
         path = self.root / "bus" / "pci" / "drivers" / driver / "unbind"
-        return start_child(lambda: self.writer.write(path, str(bdf).encode()))
+        return start_child(lambda: self.writer.write(path, str(bdf).encode()), timeout_s)
+
+    def start_reset_subordinate(self, bridge: Bdf, timeout_s: float) -> Child:
+        path = self.device_dir(bridge) / "reset_subordinate"
+        return start_child(lambda: self.writer.write(path, b"1"), timeout_s)
+
+    def start_function_bus_reset(self, bdf: Bdf, timeout_s: float) -> Child:
+        """`reset` with reset_method `bus`: pci_parent_bus_reset() saves and restores the
+        function's config around a secondary bus reset of its bridge."""
+        directory = self.device_dir(bdf)
+        methods = self.read_attribute(bdf, "reset_method") or "default"
+
+        def reset() -> None:
+            self.writer.write(directory / "reset_method", b"bus")
+            try:
+                self.writer.write(directory / "reset", b"1")
+            finally:
+                with contextlib.suppress(OSError):
+                    self.writer.write(directory / "reset_method", methods.encode())
+
+        return start_child(reset, timeout_s)
 
     def bind(self, bdf: Bdf, driver: str) -> None:
         self._write(self.root / "bus" / "pci" / "drivers" / driver / "bind", str(bdf))

@@ -57,6 +57,7 @@ class SimFunction:
     remove_clears_master: bool = False  # pcim_enable_device(): pci_disable_device() on unbind
     remove_hangs: bool = False  # e.g. p9_virtio_remove waiting for its users
     remove_seconds: float = 0.0  # how long remove() takes (NVMe shutdown, NIC firmware)
+    reset_seconds: float = 0.0  # how long a secondary bus reset below this bridge takes
 
     @property
     def address(self) -> Bdf:
@@ -369,7 +370,9 @@ class SimKernel:
     def _write_reset_subordinate(
         self, bdf: str, _text: str, _data: bytes, _offset: int | None
     ) -> None:
-        self._log_event(bdf, "reset_subordinate")
+        began = time.monotonic()
+        time.sleep(self.by_bdf[bdf].reset_seconds)
+        self._log_event(bdf, f"reset_subordinate {began} {time.monotonic()}")
 
     def _log_event(self, bdf: str, event: str) -> None:
         with (self.state / "writes.log").open("a") as log:

@@ -171,6 +171,18 @@ def test_a_partition_of_an_nvme_multipath_head_leads_to_every_controller(
     }
 
 
+def test_an_nvme_multipath_head_without_a_multipath_directory_leads_to_the_subsystems_controllers(
+    machine: FakeMachine,
+) -> None:
+    # Linux 6.1 (the guest's kernel): the head links to nvme-subsys0 only, and the subsystem
+    # directory links to its controllers (nvme0 -> .../0000:01:00.0/nvme/nvme0).
+    controller = machine.directory(f"{ROOT_PORT}/0000:01:00.0/nvme/nvme0")
+    machine.block("virtual/nvme-subsystem/nvme-subsys0/nvme0n1", "259:1")
+    machine.link(machine.sys / "devices/virtual/nvme-subsystem/nvme-subsys0/nvme0", controller)
+    machine.mount("28 1 259:1 / /mnt/nvme rw,relatime - ext4 /dev/nvme0n1 rw")
+    assert machine.needed() == {"0000:01:00.0": "backs /mnt/nvme mounted rw"}
+
+
 def test_a_read_only_mount_other_than_root_is_not_needed(machine: FakeMachine) -> None:
     machine.block(SATA_DISK, "8:0")
     machine.mount("40 29 8:0 / /srv ro,relatime shared:9 - ext4 /dev/sda ro")

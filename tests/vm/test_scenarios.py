@@ -83,9 +83,16 @@ def test_exec_tears_everything_down_and_the_second_kernel_reprobes(
 
 def test_hot_reset_resets_the_root_ports_through_the_kernel(boot: Boot) -> None:
     run = boot(scenario(f"{EXEC} --hot-reset\necho PK-EXIT $?\n"))
-    resets = [line for line in run.log.splitlines() if " reset-bus " in line]
-    assert resets and all(" done: " in line for line in resets), run.tail(120)
-    assert not any("raw secondary bus reset" in line for line in resets)
+    resets = [
+        line for line in run.log.splitlines() if re.match(r"\[\s*\d+/\d+\] \S+ reset-bus ", line)
+    ]
+    assert len(resets) == 6, run.tail(120)  # the six root ports, side by side
+    for line in resets:
+        # Kernel-mediated, never raw. On QEMU 7.2's root ports the kernel resets the bus, then
+        # gives up waiting for Data Link Layer Link Active and answers ENOTTY; the
+        # pcie-pci-bridge's bus comes back. Either way every function below must answer.
+        assert "reset_subordinate" in line and "functions answered" in line, line
+        assert "raw" not in line
     assert_quiet_before_kexec(run)
     assert_second_kernel_reprobed(run)
 
