@@ -129,3 +129,43 @@ def test_replayed_host_plan_unbinds_the_virtio_functions() -> None:
     assert steps["0000:00:03.0"]["action"] == "unbind"
     assert steps["0000:00:03.0"]["reason"] == "virtio-pci, has unbind"
     assert steps["0000:00:00.0"]["action"] == "skip"
+
+
+GUEST_BRIDGES = [
+    "0000:00:02.0",
+    "0000:00:03.0",
+    "0000:00:04.0",
+    "0000:00:05.0",
+    "0000:00:06.0",
+    "0000:00:07.0",
+    "0000:05:00.0",
+]
+
+
+def test_replayed_q35_guest_has_its_bridges_multifunction_device_and_drivers() -> None:
+    from tests.vm.guest import EXPECTED_DRIVERS
+
+    done = replay(RECORDINGS / "q35-guest.umockdev", SNAPSHOT)
+    topology, _facts = snapshot_from_json(json.loads(done.stdout))
+    assert {str(f.bdf): f.driver for f in topology} == EXPECTED_DRIVERS
+    assert sorted(str(f.bdf) for f in topology if f.is_bridge) == GUEST_BRIDGES
+    assert topology[Bdf.parse("0000:06:01.0")].parent == Bdf.parse("0000:05:00.0")
+    assert topology[Bdf.parse("0000:05:00.0")].parent == Bdf.parse("0000:00:06.0")
+    assert topology[Bdf.parse("0000:07:00.0")].is_multifunction
+    assert topology[Bdf.parse("0000:05:00.0")].command == 0x0107  # no driver, bus master on
+
+
+def test_replayed_q35_guest_with_sriov_plans_the_vfs_before_their_pf() -> None:
+    done = replay(
+        RECORDINGS / "q35-guest-sriov.umockdev",
+        [sys.executable, "-m", "petitkexec", "plan", "--json"],
+    )
+    order = [step["bdf"] for step in json.loads(done.stdout)["steps"]]
+    assert order[:2] == ["0000:01:00.1", "0000:01:00.2"]
+    assert order.index("0000:01:00.0") < order.index("0000:00:02.0")
+    done = replay(RECORDINGS / "q35-guest-sriov.umockdev", SNAPSHOT)
+    topology, _facts = snapshot_from_json(json.loads(done.stdout))
+    assert topology.vfs(Bdf.parse("0000:01:00.0")) == (
+        Bdf.parse("0000:01:00.1"),
+        Bdf.parse("0000:01:00.2"),
+    )
