@@ -84,11 +84,7 @@ def test_exec_tears_everything_down_and_the_second_kernel_reprobes(
 def test_exec_unbinds_sriov_vfs_before_their_pf(boot: Boot) -> None:
     run = boot(scenario(f"setup-sriov 2 || exit 9\n{EXEC}\necho PK-EXIT $?\n"))
     assert "SRIOV-OK 2" in run.log, run.tail(120)
-    steps = [
-        line.split()[2]
-        for line in run.log.splitlines()
-        if re.match(r"\[\s*\d+/\d+\] 0000:01:00\.\d unbind +done", line)
-    ]
+    steps = re.findall(r"^\[\s*\d+/\d+\] (0000:01:00\.\d) unbind +done", run.log, re.M)
     assert steps == ["0000:01:00.1", "0000:01:00.2", "0000:01:00.0"], run.tail(120)
     assert_quiet_before_kexec(run)
     assert_second_kernel_reprobed(run)
