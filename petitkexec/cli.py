@@ -370,7 +370,8 @@ def teardown(**shared: Any) -> None:
 @click.option(
     "--syscall",
     is_flag=True,
-    help="Without a kexec binary, call reboot(LINUX_REBOOT_CMD_KEXEC) directly.",
+    help="Hand off with reboot(LINUX_REBOOT_CMD_KEXEC) instead of `kexec -e` (images without "
+    "kexec-tools; --load still needs a binary).",
 )
 @click.option("--strict", is_flag=True, help="Do not hand off if any teardown step failed.")
 @click.argument("kexec_args", nargs=-1, type=click.UNPROCESSED)
@@ -414,14 +415,19 @@ def exec_(
                 hint="nothing was touched; " + " ".join(failure.command),
             )
     teardown_run, report = _run_teardown(environment, topology, the_plan, options)
-    handoff = f"{kexec or 'reboot(LINUX_REBOOT_CMD_KEXEC)'} -e {' '.join(kexec_args)}".strip()
+    handoff_binary = None if syscall else kexec
+    handoff = (
+        f"{handoff_binary} -e {' '.join(kexec_args)}".strip()
+        if handoff_binary
+        else "reboot(LINUX_REBOOT_CMD_KEXEC)"
+    )
     if dry_run or not report.handoff_safe or (strict and report.failed):
         _print_report(report, as_json, {"handoff": "not attempted"})
         _echo_err(f"dry run: would now run {handoff}" if dry_run else "no handoff")
         sys.exit(_exit_code(report))
     _print_report(report, False)
     _echo_err(f"handing off: {handoff}")
-    failure = execute_loaded_kernel(kexec, kexec_args)
+    failure = execute_loaded_kernel(handoff_binary, kexec_args)
     # Still here: kexec refused. Put the devices back so a bootloader menu or shell works.
     _echo_err(
         f"handoff failed: {' '.join(failure.command)} returned {failure.returncode}: "

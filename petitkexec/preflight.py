@@ -15,7 +15,7 @@ class PreflightInput:
     facts: SystemFacts
     plan: Plan
     kexec: str | None  # the binary that will run `-e`, None if not found
-    use_syscall: bool  # --syscall: reboot(LINUX_REBOOT_CMD_KEXEC) without a binary
+    use_syscall: bool  # --syscall: reboot(LINUX_REBOOT_CMD_KEXEC) instead of `kexec -e`
     will_load: bool  # --load was given: the kernel gets loaded after these checks
     euid: int = -1
 
@@ -38,7 +38,7 @@ def check_can_hand_off(given: PreflightInput) -> None:
     if given.kexec is None and not given.use_syscall:
         raise PreflightRefused(
             "no kexec binary found (kexec-tools or kexec-lite)",
-            hint="install kexec-tools, pass --kexec PATH, or allow --syscall",
+            hint="install kexec-tools, pass --kexec PATH, or hand off with --syscall",
         )
     if given.will_load and given.kexec is None:
         raise PreflightRefused(

@@ -187,3 +187,81 @@ def test_help_documents_the_exit_codes() -> None:
     result = CliRunner().invoke(cli, ["exec", "--help"])
     assert "3    preflight refused: nothing was touched" in result.stdout
     assert "5    an unbind hung" in result.stdout
+
+
+def scripted_kexec(tmp_path: Path, load_rc: int, exec_rc: int) -> Path:
+    """A kexec stand-in: `-l ...` answers load_rc (and marks the kernel loaded), `-e` exec_rc."""
+    script = tmp_path / "kexec-scripted"
+    script.write_text(
+        "#!/bin/sh\n"
+        f'echo "$@" >> {tmp_path}/kexec-calls\n'
+        f'if [ "$1" = -l ]; then echo "cannot load: bad image" >&2; exit {load_rc}; fi\n'
+        f"exit {exec_rc}\n"
+    )
+    script.chmod(script.stat().st_mode | stat.S_IEXEC)
+    return script
+
+
+def test_exec_load_failure_refuses_with_kexecs_words_and_touches_nothing(
+    make_sim: SimFactory, tmp_path: Path
+) -> None:
+    sim = make_sim(kexec_loaded=False)
+    kernel = tmp_path / "vmlinuz"
+    kernel.write_bytes(b"not a kernel")
+    kexec = scripted_kexec(tmp_path, load_rc=1, exec_rc=1)
+    result = invoke(
+        environment(sim, tmp_path),
+        "exec",
+        "--kexec",
+        str(kexec),
+        "--load",
+        str(kernel),
+        "--append",
+        "console=ttyS0",
+    )
+    assert result.exit_code == ExitCode.PREFLIGHT_REFUSED
+    assert "kexec load failed (1): cannot load: bad image" in result.stderr
+    assert (tmp_path / "kexec-calls").read_text().split() == [
+        "-l",
+        str(kernel),
+        "--append=console=ttyS0",
+    ]
+    assert sim.writes() == []
+
+
+def test_exec_loads_with_s_under_lockdown_then_tears_down(
+    make_sim: SimFactory, tmp_path: Path
+) -> None:
+    sim = make_sim(kexec_loaded=False, lockdown="integrity")
+    kernel = tmp_path / "vmlinuz"
+    kernel.write_bytes(b"kernel")
+    kexec = scripted_kexec(tmp_path, load_rc=0, exec_rc=1)
+    result = invoke(
+        environment(sim, tmp_path),
+        "exec",
+        "--kexec",
+        str(kexec),
+        "--load",
+        str(kernel),
+        "--reuse-cmdline",
+    )
+    calls = (tmp_path / "kexec-calls").read_text().splitlines()
+    assert calls == [f"-l {kernel} -s --reuse-cmdline", "-e"]  # kexec_load is refused
+    assert result.exit_code == ExitCode.HANDOFF_FAILED
+    assert "rollback: rebind 0000:02:00.0 to e1000e: ok" in result.stderr
+
+
+def test_exec_without_a_kexec_binary_refuses_unless_syscall(
+    make_sim: SimFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import petitkexec.cli
+
+    monkeypatch.setattr(petitkexec.cli, "find_kexec", lambda _explicit: None)
+    sim = make_sim()
+    result = invoke(environment(sim, tmp_path), "exec")
+    assert result.exit_code == ExitCode.PREFLIGHT_REFUSED
+    assert "no kexec binary found" in result.stderr and "--syscall" in result.stderr
+    assert sim.writes() == []
+    dry = invoke(environment(sim, tmp_path), "exec", "--syscall", "--dry-run")
+    assert dry.exit_code == ExitCode.OK
+    assert "would now run reboot(LINUX_REBOOT_CMD_KEXEC)" in dry.stderr

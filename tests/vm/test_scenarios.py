@@ -204,3 +204,28 @@ def test_without_a_loaded_kernel_preflight_refuses_and_touches_nothing(boot: Boo
     assert {bdf: (line.driver, line.command) for bdf, line in before.items()} == {
         bdf: (line.driver, line.command) for bdf, line in after.items()
     }
+
+
+def test_exec_load_loads_the_kernel_itself_and_syscall_hands_off_without_kexec_e(
+    boot: Boot,
+) -> None:
+    run = boot(
+        scenario(
+            "petitkexec exec --syscall --load /boot/vmlinuz --initrd /boot/second.cpio.gz "
+            '--append "$SECOND_CMDLINE"\necho PK-EXIT $?\n'
+        ),
+        load_second=False,
+    )
+    assert "handing off: reboot(LINUX_REBOOT_CMD_KEXEC)" in run.log, run.tail(120)
+    assert_second_kernel_reprobed(run)
+
+
+def test_a_failed_handoff_rolls_every_driver_back(boot: Boot) -> None:
+    run = boot(scenario("petitkexec exec --kexec /bin/false\necho PK-EXIT $?\nreadback after\n"))
+    assert "PK-EXIT 4" in run.log, run.tail(120)
+    assert "handoff failed: /bin/false -e returned 1" in run.log
+    after = run.readback("after")
+    bound = {bdf: line.driver for bdf, line in after.items()}
+    assert bound == EXPECTED_DRIVERS, run.tail(120)
+    rollback = [line for line in run.log.splitlines() if line.startswith("rollback: ")]
+    assert rollback and all(line.endswith(": ok") for line in rollback), run.tail(120)
