@@ -28,7 +28,18 @@ from petitkexec.model import SystemFacts, Topology
 from petitkexec.plan import Plan, build_plan
 from petitkexec.policy import Policy, load_config
 from petitkexec.preflight import PreflightInput, check_can_hand_off, check_can_tear_down
-from petitkexec.render import plan_summary, plan_to_json, plan_tree
+from petitkexec.render import (
+    facts_line,
+    facts_to_json,
+    outcome_line,
+    plan_summary,
+    plan_to_json,
+    plan_tree,
+    report_lines,
+    report_to_json,
+    rollback_lines,
+    rollback_to_json,
+)
 from petitkexec.snapshot import load_snapshot, snapshot_to_json
 
 EXIT_CODES_HELP = """\b
@@ -173,15 +184,13 @@ def _environment() -> Environment:
     return environment
 
 
-def _policy(
-    exclude: tuple[str, ...],
-    only: tuple[str, ...],
-    unprotect: tuple[str, ...],
-    hot_reset: bool,
-    config: dict[str, object],
-) -> Policy:
+def _policy(shared: dict[str, Any], config: dict[str, object]) -> Policy:
     return Policy.from_options(
-        exclude=exclude, only=only, unprotect=unprotect, hot_reset=hot_reset, config=config
+        exclude=shared["exclude"],
+        only=shared["only"],
+        unprotect=shared["unprotect"],
+        hot_reset=shared["hot_reset"],
+        config=config,
     )
 
 
@@ -204,34 +213,22 @@ def _echo_err(text: str) -> None:
     type=click.Path(path_type=Path),
     help="Plan from a `petitkexec snapshot` file instead of this machine.",
 )
-def plan(
-    exclude: tuple[str, ...],
-    only: tuple[str, ...],
-    unprotect: tuple[str, ...],
-    hot_reset: bool,
-    config_path: Path | None,
-    as_json: bool,
-    snapshot_path: Path | None,
-) -> None:
+def plan(snapshot_path: Path | None, **shared: Any) -> None:
     """Show what a teardown would do to every PCI function. Changes nothing."""
-    config = load_config(config_path)
-    policy = _policy(exclude, only, unprotect, hot_reset, config)
+    policy = _policy(shared, load_config(shared["config_path"]))
     environment = _environment()
     if snapshot_path is not None:
         topology, facts = load_snapshot(snapshot_path)
     else:
         topology, facts = environment.discover(), environment.facts()
     the_plan = build_plan(topology, policy, facts)
-    if as_json:
-        click.echo(
-            json.dumps({**plan_to_json(topology, the_plan), "facts": _facts_json(facts)}, indent=2)
-        )
+    if shared["as_json"]:
+        payload = {**plan_to_json(topology, the_plan), "facts": facts_to_json(facts)}
+        click.echo(json.dumps(payload, indent=2))
         return
     click.echo(plan_tree(topology, the_plan))
     click.echo(f"\n{len(topology)} functions: {plan_summary(the_plan)}")
-    click.echo(
-        f"lockdown: {facts.lockdown or 'not exposed'}; kexec loaded: {_yes_no(facts.kexec_loaded)}"
-    )
+    click.echo(facts_line(facts))
     for conflict in the_plan.conflicts:
         click.echo(f"conflict: {conflict}")
 
@@ -253,9 +250,7 @@ def _prepare(
 ) -> tuple[Environment, Topology, SystemFacts, Plan, ExecutionOptions]:
     """Config, policy, discovery and plan from the options `teardown` and `exec` share."""
     config = load_config(shared["config_path"])
-    policy = _policy(
-        shared["exclude"], shared["only"], shared["unprotect"], shared["hot_reset"], config
-    )
+    policy = _policy(shared, config)
     options = ExecutionOptions(
         unbind_timeout_s=_unbind_timeout(shared["unbind_timeout"], config),
         jobs=shared["jobs"],
@@ -281,50 +276,16 @@ def _run_teardown(
 
 
 def _print_outcome(index: int, total: int, outcome: StepOutcome) -> None:
-    step = outcome.step
-    width = len(str(total))
-    _echo_err(
-        f"[{index:>{width}}/{total}] {step.bdf} {step.action.value:<16} "
-        f"{outcome.status.value}: {outcome.detail} ({outcome.elapsed_ms:.1f} ms)"
-    )
-
-
-def _report_json(report: TeardownReport) -> dict[str, Any]:
-    return {
-        "summary": report.summary(),
-        "steps": [
-            {
-                "bdf": str(o.step.bdf),
-                "action": o.step.action.value,
-                "status": o.status.value,
-                "detail": o.detail,
-                "elapsed_ms": o.elapsed_ms,
-                "command_after": None if o.command_after is None else f"{o.command_after:04x}",
-            }
-            for o in report.outcomes
-        ],
-        "stopped_because": report.stopped_because,
-        "hung": [str(bdf) for bdf in report.hung],
-        "rollback": [
-            {"undo": r.undo.describe(), "ok": r.ok, "detail": r.detail} for r in report.rollback
-        ],
-    }
+    _echo_err(outcome_line(index, total, outcome))
 
 
 def _print_report(
     report: TeardownReport, as_json: bool, extra: dict[str, Any] | None = None
 ) -> None:
     if as_json:
-        click.echo(json.dumps({**_report_json(report), **(extra or {})}, indent=2))
-    for name, bdfs in report.summary().items():
-        if bdfs:
-            _echo_err(f"{name.replace('_', ' ')}: {len(bdfs)} ({', '.join(bdfs)})")
-    for outcome in report.failed:
-        _echo_err(f"FAILED {outcome.step.bdf}: {outcome.detail}")
-    if report.stopped_because:
-        _echo_err(f"stopped: {report.stopped_because}")
-    for result in report.rollback:
-        _echo_err(f"rollback: {result.undo.describe()}: {'ok' if result.ok else result.detail}")
+        click.echo(json.dumps({**report_to_json(report), **(extra or {})}, indent=2))
+    for line in report_lines(report):
+        _echo_err(line)
 
 
 def _exit_code(report: TeardownReport) -> ExitCode:
@@ -423,7 +384,11 @@ def exec_(
     )
     if dry_run or not report.handoff_safe or (strict and report.failed):
         _print_report(report, as_json, {"handoff": "not attempted"})
-        _echo_err(f"dry run: would now run {handoff}" if dry_run else "no handoff")
+        if dry_run:
+            _echo_err(f"dry run: would now run {handoff}")
+        else:
+            why = "--strict" if report.handoff_safe else "the kernel's shutdown would hang too"
+            _echo_err(f"no handoff ({why})")
         sys.exit(_exit_code(report))
     _print_report(report, False)
     _echo_err(f"handing off: {handoff}")
@@ -434,36 +399,17 @@ def exec_(
         f"{failure.output}"
     )
     rollback = teardown_run.journal.rollback(environment.kernel())
-    for result in rollback:
-        _echo_err(f"rollback: {result.undo.describe()}: {'ok' if result.ok else result.detail}")
+    for line in rollback_lines(rollback):
+        _echo_err(line)
     if as_json:
-        click.echo(
-            json.dumps(
-                {
-                    **_report_json(report),
-                    "handoff": "failed",
-                    "handoff_error": failure.output,
-                    "rollback": [
-                        {"undo": r.undo.describe(), "ok": r.ok, "detail": r.detail}
-                        for r in rollback
-                    ],
-                },
-                indent=2,
-            )
-        )
+        payload = {
+            **report_to_json(report),
+            "handoff": "failed",
+            "handoff_error": failure.output,
+            "rollback": rollback_to_json(rollback),
+        }
+        click.echo(json.dumps(payload, indent=2))
     sys.exit(ExitCode.HANDOFF_FAILED)
-
-
-def _facts_json(facts: SystemFacts) -> dict[str, Any]:
-    return {
-        "needed": {str(bdf): why for bdf, why in sorted(facts.needed.items())},
-        "lockdown": facts.lockdown,
-        "kexec_loaded": facts.kexec_loaded,
-    }
-
-
-def _yes_no(value: bool | None) -> str:
-    return "unknown" if value is None else "yes" if value else "no"
 
 
 def main() -> None:

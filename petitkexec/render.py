@@ -5,7 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 from petitkexec.bdf import Bdf
-from petitkexec.model import PciFunction, Topology
+from petitkexec.journal import UndoResult
+from petitkexec.model import PciFunction, SystemFacts, Topology
+from petitkexec.outcome import StepOutcome, TeardownReport
 from petitkexec.plan import Action, Plan
 
 
@@ -62,4 +64,70 @@ def plan_to_json(topology: Topology, plan: Plan) -> dict[str, Any]:
             for step in plan.steps
         ],
         "conflicts": list(plan.conflicts),
+    }
+
+
+def facts_to_json(facts: SystemFacts) -> dict[str, Any]:
+    return {
+        "needed": {str(bdf): why for bdf, why in sorted(facts.needed.items())},
+        "lockdown": facts.lockdown,
+        "kexec_loaded": facts.kexec_loaded,
+    }
+
+
+def facts_line(facts: SystemFacts) -> str:
+    loaded = {None: "unknown", True: "yes", False: "no"}[facts.kexec_loaded]
+    return f"lockdown: {facts.lockdown or 'not exposed'}; kexec loaded: {loaded}"
+
+
+def outcome_line(index: int, total: int, outcome: StepOutcome) -> str:
+    """`[ 3/20] 0000:01:00.0 unbind           done: unbound from nvme; ... (12.3 ms)`"""
+    step = outcome.step
+    return (
+        f"[{index:>{len(str(total))}}/{total}] {step.bdf} {step.action.value:<16} "
+        f"{outcome.status.value}: {outcome.detail} ({outcome.elapsed_ms:.1f} ms)"
+    )
+
+
+def report_lines(report: TeardownReport) -> list[str]:
+    """The summary a person reads after the step lines: per-device results, then problems."""
+    lines = [
+        f"{name.replace('_', ' ')}: {len(bdfs)} ({', '.join(bdfs)})"
+        for name, bdfs in report.summary().items()
+        if bdfs
+    ]
+    lines += [f"FAILED {outcome.step.bdf}: {outcome.detail}" for outcome in report.failed]
+    if report.stopped_because:
+        lines.append(f"stopped: {report.stopped_because}")
+    return lines + rollback_lines(report.rollback)
+
+
+def rollback_lines(results: tuple[UndoResult, ...] | list[UndoResult]) -> list[str]:
+    return [
+        f"rollback: {result.undo.describe()}: {'ok' if result.ok else result.detail}"
+        for result in results
+    ]
+
+
+def rollback_to_json(results: tuple[UndoResult, ...] | list[UndoResult]) -> list[dict[str, Any]]:
+    return [{"undo": r.undo.describe(), "ok": r.ok, "detail": r.detail} for r in results]
+
+
+def report_to_json(report: TeardownReport) -> dict[str, Any]:
+    return {
+        "summary": report.summary(),
+        "steps": [
+            {
+                "bdf": str(o.step.bdf),
+                "action": o.step.action.value,
+                "status": o.status.value,
+                "detail": o.detail,
+                "elapsed_ms": o.elapsed_ms,
+                "command_after": None if o.command_after is None else f"{o.command_after:04x}",
+            }
+            for o in report.outcomes
+        ],
+        "stopped_because": report.stopped_because,
+        "hung": [str(bdf) for bdf in report.hung],
+        "rollback": rollback_to_json(report.rollback),
     }
