@@ -66,6 +66,9 @@ TOPOLOGY: tuple[str, ...] = (
     "-device virtio-rng-pci,bus=rp6,addr=0.1",
     # 00:08.0 virtio-rng on the root bus (a root-complex integrated endpoint)
     "-device virtio-rng-pci,bus=pcie.0,addr=0x8",
+    # 08:00.0 an AHCI controller behind its own root port (q35's own is 00:1f.2)
+    "-device pcie-root-port,id=rp7,chassis=7,slot=7,bus=pcie.0,addr=0xa",
+    "-device ahci,id=ahci1,bus=rp7",
 )
 VIRTFS_BDF = "0000:00:09.0"
 
@@ -92,6 +95,8 @@ EXPECTED_DRIVERS: dict[str, str | None] = {
     "0000:06:01.0": "e1000",
     "0000:07:00.0": "e1000e",
     "0000:07:00.1": "virtio-pci",
+    "0000:00:0a.0": "pcieport",
+    "0000:08:00.0": "ahci",
 }
 
 _PRINTK_TIME = re.compile(r"^\[\s*(\d+\.\d+)\]\s")

@@ -95,7 +95,7 @@ def test_hot_reset_resets_the_root_ports_through_the_kernel(boot: Boot) -> None:
     resets = [
         line for line in run.log.splitlines() if re.match(r"\[\s*\d+/\d+\] \S+ reset-bus ", line)
     ]
-    assert len(resets) == 6, run.tail(120)  # the six root ports, side by side
+    assert len(resets) == 7, run.tail(120)  # the seven root ports, side by side
     for line in resets:
         # Kernel-mediated, never raw. On QEMU 7.2's root ports the kernel resets the bus, then
         # gives up waiting for Data Link Layer Link Active and answers ENOTTY; the
