@@ -30,18 +30,21 @@ def invoke(env: Environment, *args: str) -> Result:
     return CliRunner().invoke(cli, list(args), obj=env, catch_exceptions=False)
 
 
+def shell_script(path: Path, body: str) -> Path:
+    path.write_text("#!/bin/sh\n" + body)
+    path.chmod(path.stat().st_mode | stat.S_IEXEC)
+    return path
+
+
 def fake_kexec(tmp_path: Path, sim: SimKernel, returncode: int = 1) -> Path:
     """A kexec stand-in that records what it saw at the moment of the handoff, then fails."""
-    script = tmp_path / "kexec"
-    script.write_text(
-        "#!/bin/sh\n"
+    return shell_script(
+        tmp_path / "kexec",
         f'echo "$@" > {tmp_path}/kexec-args\n'
         f"find {sim.root}/bus/pci/drivers -mindepth 2 -type l | wc -l"
         f" > {tmp_path}/bound-at-handoff\n"
-        f"exit {returncode}\n"
+        f"exit {returncode}\n",
     )
-    script.chmod(script.stat().st_mode | stat.S_IEXEC)
-    return script
 
 
 def test_plan_prints_a_tree_with_every_function_and_its_action(
@@ -190,16 +193,13 @@ def test_help_documents_the_exit_codes() -> None:
 
 
 def scripted_kexec(tmp_path: Path, load_rc: int, exec_rc: int) -> Path:
-    """A kexec stand-in: `-l ...` answers load_rc (and marks the kernel loaded), `-e` exec_rc."""
-    script = tmp_path / "kexec-scripted"
-    script.write_text(
-        "#!/bin/sh\n"
+    """A kexec stand-in: `-l ...` answers load_rc, `-e` answers exec_rc."""
+    return shell_script(
+        tmp_path / "kexec-scripted",
         f'echo "$@" >> {tmp_path}/kexec-calls\n'
         f'if [ "$1" = -l ]; then echo "cannot load: bad image" >&2; exit {load_rc}; fi\n'
-        f"exit {exec_rc}\n"
+        f"exit {exec_rc}\n",
     )
-    script.chmod(script.stat().st_mode | stat.S_IEXEC)
-    return script
 
 
 def test_exec_load_failure_refuses_with_kexecs_words_and_touches_nothing(
