@@ -13,7 +13,13 @@ from petitkexec.plan import Action, Plan
 
 def describe_function(function: PciFunction) -> str:
     driver = function.driver or "-"
-    kind = " [bridge]" if function.is_bridge else ""
+    kind = (
+        " [bridge]"
+        if function.is_bridge
+        else " [multi-function]"
+        if (function.is_multifunction)
+        else ""
+    )
     vf = f" [VF of {function.physfn}]" if function.physfn is not None else ""
     return (
         f"{function.bdf} {function.vendor_device} class {function.class_code:06x} "

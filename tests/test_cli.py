@@ -57,8 +57,8 @@ def test_plan_prints_a_tree_with_every_function_and_its_action(
         assert function.bdf in result.stdout
     assert "├─ 0000:00:02.0 1b36:000c class 060400 driver pcieport [bridge]" in result.stdout
     assert (
-        "│  ├─ 0000:01:00.0 1b36:0010 class 010802 driver nvme  →  unbind (nvme, has "
-        "unbind)" in result.stdout
+        "│  ├─ 0000:01:00.0 1b36:0010 class 010802 driver nvme [multi-function]  →  "
+        "unbind (nvme, has unbind)" in result.stdout
     )
     assert "clear-bus-master (no driver, BME on)" in result.stdout
     assert "16 functions:" in result.stdout
