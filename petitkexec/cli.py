@@ -23,7 +23,7 @@ from petitkexec.execute import DEFAULT_JOBS, ExecutionOptions, StepOutcome, Tear
 from petitkexec.facts import gather_facts
 from petitkexec.handoff import LoadRequest, execute_loaded_kernel, find_kexec, load
 from petitkexec.kernel import SYSFS_ROOT, Kernel, RealSysfsWriter, SysfsWriter
-from petitkexec.log import configure_logging, get_logger
+from petitkexec.log import configure_logging, get_logger, timed
 from petitkexec.model import SystemFacts, Topology
 from petitkexec.plan import Plan, build_plan
 from petitkexec.policy import Policy, load_config
@@ -257,21 +257,25 @@ def _prepare(
         raw_sbr=shared["raw_sbr"],
         dry_run=shared["dry_run"],
     )
-    environment = _environment()
-    topology, facts = environment.discover(), environment.facts()
-    return environment, topology, facts, build_plan(topology, policy, facts), options
+    environment, log = _environment(), get_logger("petitkexec")
+    with timed(log, "discovered") as fields:
+        topology, facts = environment.discover(), environment.facts()
+        fields.update(functions=len(topology), needed=len(facts.needed), lockdown=facts.lockdown)
+    with timed(log, "planned") as fields:
+        the_plan = build_plan(topology, policy, facts)
+        fields.update(steps=len(the_plan.steps), waves=len({s.wave for s in the_plan.steps}))
+    return environment, topology, facts, the_plan, options
 
 
 def _run_teardown(
     environment: Environment, topology: Topology, the_plan: Plan, options: ExecutionOptions
 ) -> tuple[Teardown, TeardownReport]:
-    log = get_logger("teardown")
-    log.info("teardown.start", steps=len(the_plan.steps), dry_run=options.dry_run)
     teardown = Teardown(
         environment.kernel(), topology, the_plan, options, on_outcome=_print_outcome
     )
-    report = teardown.run()
-    log.info("teardown.end", failed=len(report.failed), stopped=report.stopped_because)
+    with timed(get_logger("petitkexec"), "torn down", dry_run=options.dry_run) as fields:
+        report = teardown.run()
+        fields.update(failed=len(report.failed), stopped=report.stopped_because)
     return teardown, report
 
 

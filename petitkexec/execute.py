@@ -147,7 +147,7 @@ class Teardown:
             return StepOutcome(
                 step,
                 Status.WOULD,
-                f"would {step.action.value} ({step.reason})",
+                str(step),
                 driver_after=self.kernel.driver(step.bdf),
                 command_after=self.kernel.read_command(step.bdf),
             )

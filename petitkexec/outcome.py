@@ -68,7 +68,7 @@ class TeardownReport:
                 "skipped",
                 "gone",
                 "failed",
-                "not_run",
+                "would_change",
             )
         }
         for outcome in self.outcomes:
@@ -84,7 +84,7 @@ class TeardownReport:
             elif action is Action.SKIP or status is Status.ALREADY:
                 groups["skipped"].append(bdf)
             elif status is Status.WOULD:
-                groups["not_run"].append(bdf)
+                groups["would_change"].append(bdf)
             elif action is Action.UNBIND:
                 groups["unbound"].append(bdf)
             elif action is Action.RESET_BUS:
