@@ -183,7 +183,7 @@ def _subtree_resettable(topology: Topology, decisions: dict[Bdf, Step], bridge: 
 
 
 def _conflicts(topology: Topology, policy: Policy, held: dict[Bdf, Step]) -> tuple[str, ...]:
-    """Requests the plan cannot honour: --only naming something the system needs."""
+    """Requests the plan cannot honour: --only naming something the system needs, or nothing."""
     conflicts = []
     for bdf, step in held.items():
         if (
@@ -195,4 +195,13 @@ def _conflicts(topology: Topology, policy: Policy, held: dict[Bdf, Step]) -> tup
                 f"--only selects {bdf} but it is protected ({step.reason}); "
                 f"add --unprotect {bdf} to tear it down anyway"
             )
+    for spec in policy.only:
+        if not any(spec.matches(function) for function in topology):
+            hint = (
+                f" (read as vendor:device; for PCI domain {spec.text.split(':')[0]} write "
+                f"{spec.text.split(':')[0]}:*:*.*)"
+                if spec.kind == "id"
+                else ""
+            )
+            conflicts.append(f"--only {spec.text} matches no PCI function{hint}")
     return tuple(conflicts)

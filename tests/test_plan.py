@@ -447,3 +447,14 @@ def test_nested_bridges_are_reset_when_the_top_one_cannot_be() -> None:
     functions = [*switch_machine(), endpoint("0000:01:00.1", "ahci", parent="0000:00:1c.0")]
     plan = plan_for(functions, Policy.from_options(exclude=["ahci"], hot_reset=True))
     assert resets(plan) == ["0000:00:1c.1", "0000:01:00.0"]
+
+
+def test_an_only_spec_that_matches_nothing_is_a_conflict_with_a_hint_for_domains() -> None:
+    # On PowerNV every PHB is a domain; "0000:*" reads as vendor 0000, any device.
+    functions = [endpoint("0001:01:00.0", "nvme"), endpoint("0000:01:00.0", "e1000e")]
+    plan = plan_for(functions, Policy.from_options(only=["0000:*"]))
+    assert plan.conflicts == (
+        "--only 0000:* matches no PCI function (read as vendor:device; for PCI domain 0000 "
+        "write 0000:*:*.*)",
+    )
+    assert plan_for(functions, Policy.from_options(only=["0000:*:*.*"])).conflicts == ()

@@ -1,0 +1,246 @@
+"""petitkexec on a PowerNV kernel: Debian's ppc64el 6.1 on QEMU's powernv9 (skiboot/OPAL, one
+PCI domain per PHB4, no driver on any bridge). Two boots: `exec` (with `plan` first) and
+`exec --hot-reset`. What is checked comes from the guest's own busybox read-back, skiboot's
+log (/sys/firmware/opal/msglog) and the second kernel, not from petitkexec's report."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import time
+from collections.abc import Callable
+
+import pytest
+
+from tests.vm import powernv
+from tests.vm.guest import GuestRun
+from tests.vm.image import Images
+
+pytestmark = pytest.mark.vm
+
+HOST_TOOLS = (powernv.QEMU, "apt-get", "apt-cache", "dpkg-deb", "depmod")
+EXEC = "petitkexec exec --kexec /usr/sbin/kexec-readback"
+EXPECTED = powernv.EXPECTED_DRIVERS
+ENDPOINTS = {bdf for bdf, driver in EXPECTED.items() if driver is not None}
+# Root ports with something below: the empty one on PHB 4 has no bus to reset.
+RESET_PORTS = {"0000:00:00.0", "0001:00:00.0", "0002:00:00.0", "0003:00:00.0", "0005:00:00.0"}
+STEP = re.compile(
+    r"^\[\s*\d+/\d+\] (?P<bdf>\S+) (?P<action>\S+) +(?P<status>\w+): (?P<detail>.*) "
+    r"\((?P<ms>\d+\.\d) ms\)$"
+)
+# skiboot's PHB4 hot reset, as it logs it in the in-memory console (all levels).
+OPAL_RESET = re.compile(
+    r"\[\s*(?P<t>\d+\.\d+),\d\] PHB#(?P<phb>[0-9a-f]{4})\[\d+:\d+\]: (?P<what>.*)"
+)
+
+Boot = Callable[..., GuestRun]
+Record = Callable[[str, str], None]
+
+
+def stamp(word: str) -> str:
+    return f'read -r up _ < /proc/uptime; echo "{word} uptime=$up"\n'
+
+
+def uptime(run: GuestRun, word: str) -> float:
+    match = re.search(rf"^{word} uptime=(\d+\.\d+)", run.log, re.M)
+    assert match, f"no {word} line\n{run.tail()}"
+    return float(match[1])
+
+
+def steps(run: GuestRun, action: str) -> dict[str, re.Match[str]]:
+    found = {}
+    for line in run.log.splitlines():
+        match = STEP.match(line)
+        if match and match["action"] == action:
+            found[match["bdf"]] = match
+    return found
+
+
+def assert_quiet_before_kexec(run: GuestRun) -> None:
+    """Right before the kexec syscall no function has a driver or bus master on."""
+    readback = run.readback("pre-kexec")
+    assert set(readback) == set(EXPECTED), run.tail(120)
+    loud = {
+        bdf: (line.driver, line.command)
+        for bdf, line in readback.items()
+        if line.driver is not None or line.bus_master is not False
+    }
+    assert loud == {}, run.tail(120)
+
+
+def assert_second_kernel_reprobed(run: GuestRun) -> None:
+    assert run.second_up, run.tail(120)
+    assert run.second_devices == EXPECTED, run.tail(120)
+    assert run.second_nvme == ["nvme0n1"], run.tail()
+    assert len([n for n in run.second_net if n != "lo"]) == 2 and run.second_usb, run.tail()
+    second = run.readback("second")
+    assert all(second[bdf].bus_master for bdf in ENDPOINTS), run.tail()  # drivers enabled it
+
+
+def exec_to_second_seconds(run: GuestRun) -> float:
+    """PK-START → the second kernel's marker on guest clocks (purgatory not included)."""
+    t = run.guest_times
+    return t["starting_new_kernel"] - uptime(run, "PK-START") + t["second_up"]
+
+
+@pytest.fixture(scope="session")
+def powernv_images(record_timing: Record) -> Images:
+    missing = [
+        tool
+        for tool in HOST_TOOLS
+        if shutil.which(tool) is None
+        and not any(os.path.exists(f"{d}/{tool}") for d in ("/sbin", "/usr/sbin"))
+    ]
+    if missing:
+        message = f"PowerNV lane needs {', '.join(missing)}: see .ci/apt-packages"
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail(message)
+        pytest.skip(message)
+    started = time.monotonic()
+    images = powernv.current_images()
+    record_timing(
+        "powernv image build (this session)",
+        f"{time.monotonic() - started:.1f}s (petitkexec layer: {images.project_install})",
+    )
+    return images
+
+
+@pytest.fixture
+def boot_pnv(powernv_images: Images, request: pytest.FixtureRequest, record_timing: Record) -> Boot:
+    def _boot(scenario: str, **kwargs: object) -> GuestRun:
+        run = powernv.boot_powernv(scenario, images=powernv_images, **kwargs)  # type: ignore[arg-type]
+        record_timing(f"{request.node.name} wall", f"{run.wall_seconds:.1f}s (log {run.log_path})")
+        return run
+
+    return _boot
+
+
+@pytest.fixture(scope="module")
+def exec_run(powernv_images: Images, record_timing: Record) -> GuestRun:
+    """One boot for the plain exec and for what `plan` shows: plan first, then exec."""
+    run = powernv.boot_powernv(
+        "if [ -d /sys/firmware/opal ]; then echo OPAL-FIRMWARE present; "
+        "else echo OPAL-FIRMWARE absent; fi\n"
+        "petitkexec plan > /tmp/plan.txt 2>&1; echo PLAN-EXIT $?\n"
+        "sed 's/^/PLAN| /' /tmp/plan.txt\n" + stamp("PK-START") + f"{EXEC}\necho PK-EXIT $?\n",
+        second_scenario="sed 's/^/SECOND-CONSOLE /' /proc/consoles\n",
+        images=powernv_images,
+    )
+    record_timing("powernv plan+exec boot wall", f"{run.wall_seconds:.1f}s (log {run.log_path})")
+    return run
+
+
+def test_powernv_exec_leaves_every_function_without_driver_and_bus_master(
+    exec_run: GuestRun, record_timing: Record
+) -> None:
+    run = exec_run
+    assert run.exit_code is None and "PK-EXIT" not in run.log, run.tail(120)  # it kexec'd
+    assert_quiet_before_kexec(run)
+    # No bridge has a driver on PowerNV, so petitkexec cleared the bus master of every root
+    # port (and switch port) itself, after the endpoints below them.
+    cleared = steps(run, "clear-bus-master")
+    assert {bdf for bdf, m in cleared.items() if m["detail"] == "bus master cleared"} == {
+        bdf for bdf, driver in EXPECTED.items() if driver is None
+    }, run.tail(120)
+    assert set(steps(run, "unbind")) == ENDPOINTS, run.tail(120)
+    assert_second_kernel_reprobed(run)
+    assert "SECOND-CONSOLE hvc0" in run.log, run.tail()
+    record_timing(
+        "powernv exec: petitkexec start -> kexec start (guest)",
+        f"{uptime(run, 'KEXEC-START') - uptime(run, 'PK-START'):.2f}s",
+    )
+    record_timing(
+        "powernv exec: petitkexec start -> second marker (guest clocks)",
+        f"{exec_to_second_seconds(run):.2f}s",
+    )
+    record_timing(
+        "powernv exec: kexec start -> second marker (host arrival)",
+        f"{run.kexec_to_second_host_seconds:.2f}s",
+    )
+
+
+def test_powernv_is_recognised_and_plan_shows_one_domain_per_phb(exec_run: GuestRun) -> None:
+    run = exec_run
+    # What Kernel.is_powernv() checks before it would ever refuse a raw SBR.
+    assert "OPAL-FIRMWARE present" in run.log, run.tail()
+    assert "PLAN-EXIT 0" in run.log, run.tail(120)
+    plan = [line.removeprefix("PLAN| ") for line in run.lines_starting("PLAN| ")]
+    sections: dict[str, list[str]] = {}
+    current: list[str] = []
+    for line in plan:
+        if line.startswith("PCI domain "):
+            current = sections.setdefault(line.split()[2], [])
+        elif match := re.search(r"([0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.\d) ", line):
+            current.append(match[1])
+    assert list(sections) == [f"{domain:04x}" for domain in range(6)], "\n".join(plan)
+    for domain, functions in sections.items():
+        assert functions == sorted(b for b in EXPECTED if b.startswith(domain)), "\n".join(plan)
+        # Each section starts with its PHB's root port, at the top of the tree.
+        assert plan[plan.index(f"PCI domain {domain}") + 1].startswith(
+            f"└─ {domain}:00:00.0 1014:04c1 class 060400 driver - [bridge]"
+        )
+    assert "13 functions: 5 unbind, 8 clear-bus-master" in plan, "\n".join(plan)
+
+
+def test_powernv_hot_reset_goes_through_opal_side_by_side(
+    boot_pnv: Boot, record_timing: Record
+) -> None:
+    opal_dump = (
+        "strings /sys/firmware/opal/msglog | grep -E 'PHB#[0-9a-f]{4}\\[' | sed 's/^/OPAL-%s /'"
+    )
+    run = boot_pnv(
+        # A readback wrapper that first copies skiboot's log of the resets to the console.
+        "cat > /tmp/kexec-opal <<'EOF'\n#!/bin/sh\n"
+        f'{opal_dump % "AFTER"} > /dev/console\nexec /usr/sbin/kexec-readback "$@"\nEOF\n'
+        "chmod +x /tmp/kexec-opal\n"
+        f"{opal_dump % 'BEFORE'}\n" + stamp("PK-START") + "petitkexec exec --kexec /tmp/kexec-opal "
+        "--hot-reset\necho PK-EXIT $?\n"
+    )
+    assert run.exit_code is None and "PK-EXIT" not in run.log, run.tail(120)
+    resets = steps(run, "reset-bus")
+    assert set(resets) == RESET_PORTS, run.tail(120)
+    for match in resets.values():
+        # Kernel-mediated (pci_reset_bus → pnv_pci_reset_secondary_bus → OPAL), never raw.
+        assert match["status"] == "done" and match["detail"].startswith("reset_subordinate;")
+        assert "raw" not in match.string
+    # skiboot logged one hot reset, and its link coming back, for each of those PHBs.
+    before = set(run.lines_starting("OPAL-BEFORE "))
+    new = [
+        m
+        for line in run.lines_starting("OPAL-AFTER ")
+        if "OPAL-BEFORE " + line.removeprefix("OPAL-AFTER ") not in before
+        and (m := OPAL_RESET.search(line))
+    ]
+    started = {m["phb"]: float(m["t"]) for m in new if m["what"].strip() == "HRESET: Starts"}
+    stable = {m["phb"]: float(m["t"]) for m in new if m["what"].strip() == "LINK: Link is stable"}
+    assert set(started) == set(stable) == {p[:4] for p in RESET_PORTS}, run.tail(120)
+    assert not re.search(r"EEH.*(Frozen|failure|Recover)", run.log), run.tail(120)
+    assert_quiet_before_kexec(run)
+    assert_second_kernel_reprobed(run)
+
+    elapsed = {bdf: float(m["ms"]) / 1000 for bdf, m in resets.items()}
+    teardown = uptime(run, "KEXEC-START") - uptime(run, "PK-START")
+    # Side by side: the whole teardown is well below the resets' sum (each ~5 s in TCG).
+    assert teardown < 0.6 * sum(elapsed.values()), (teardown, elapsed)
+    record_timing(
+        "powernv hot-reset: each reset_subordinate (petitkexec's clock)",
+        ", ".join(f"{bdf[:4]} {s:.2f}s" for bdf, s in sorted(elapsed.items())),
+    )
+    record_timing(
+        "powernv hot-reset: OPAL HRESET start -> link stable (skiboot's clock)",
+        ", ".join(f"{p} {stable[p] - started[p]:.2f}s" for p in sorted(started)),
+    )
+    record_timing(
+        "powernv hot-reset: resets summed vs petitkexec start -> kexec start (guest)",
+        f"{sum(elapsed.values()):.2f}s vs {teardown:.2f}s",
+    )
+    record_timing(
+        "powernv hot-reset: petitkexec start -> second marker (guest clocks)",
+        f"{exec_to_second_seconds(run):.2f}s",
+    )
+    slow_calls = re.findall(r"Spent (\d+) msecs in OPAL call (\d+)", run.log)
+    record_timing(
+        "powernv hot-reset: skiboot 'Spent N msecs in OPAL call' warnings",
+        ", ".join(f"call {call}: {ms} ms" for ms, call in slow_calls) or "none",
+    )
