@@ -57,38 +57,45 @@ class TeardownReport:
 
     def summary(self) -> dict[str, list[str]]:
         """Per-device results, by what was achieved."""
-        groups: dict[str, list[str]] = {
-            name: []
-            for name in (
-                "unbound",
-                "bus_master_cleared",
-                "reset",
-                "protected",
-                "kept",
-                "skipped",
-                "gone",
-                "failed",
-                "would_change",
-            )
-        }
+        groups: dict[str, list[str]] = {name: [] for name in SUMMARY_GROUPS}
         for outcome in self.outcomes:
-            bdf, action, status = str(outcome.step.bdf), outcome.step.action, outcome.status
-            if status in (Status.FAILED, Status.HUNG):
-                groups["failed"].append(bdf)
-            elif status is Status.GONE:
-                groups["gone"].append(bdf)
-            elif action is Action.PROTECT:
-                groups["protected"].append(bdf)
-            elif action is Action.KEEP:
-                groups["kept"].append(bdf)
-            elif action is Action.SKIP or status is Status.ALREADY:
-                groups["skipped"].append(bdf)
-            elif status is Status.WOULD:
-                groups["would_change"].append(bdf)
-            elif action is Action.UNBIND:
-                groups["unbound"].append(bdf)
-            elif action is Action.RESET_BUS:
-                groups["reset"].append(bdf)
+            bdf = str(outcome.step.bdf)
+            group = _summary_group(outcome)
+            if group is not None:
+                groups[group].append(bdf)
             if outcome.cleared_bus_master:
                 groups["bus_master_cleared"].append(bdf)
         return groups
+
+
+SUMMARY_GROUPS = (
+    "unbound",
+    "bus_master_cleared",
+    "reset",
+    "protected",
+    "kept",
+    "skipped",
+    "gone",
+    "failed",
+    "would_change",
+)
+_GROUP_OF_ACTION = {
+    Action.PROTECT: "protected",
+    Action.KEEP: "kept",
+    Action.SKIP: "skipped",
+    Action.UNBIND: "unbound",
+    Action.RESET_BUS: "reset",
+}
+
+
+def _summary_group(outcome: StepOutcome) -> str | None:
+    """The one group a step's outcome counts in; a clear-bus-master counts by its flag."""
+    if outcome.status in (Status.FAILED, Status.HUNG):
+        return "failed"
+    if outcome.status is Status.GONE:
+        return "gone"
+    if outcome.status is Status.ALREADY:
+        return "skipped"
+    if outcome.status is Status.WOULD:
+        return "would_change"
+    return _GROUP_OF_ACTION.get(outcome.step.action)
