@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 
 from petitkexec import policy as policy_module
-from petitkexec.bdf import Bdf
 from petitkexec.errors import ExitCode, UsageError
 from petitkexec.model import PciFunction
 from petitkexec.policy import DeviceSpec, Policy, load_config
+from tests.builders import endpoint
 
 
 def function(
@@ -20,16 +20,7 @@ def function(
     class_code: int = 0x020000,
     driver: str | None = None,
 ) -> PciFunction:
-    return PciFunction(
-        bdf=Bdf.parse(bdf),
-        vendor=vendor,
-        device=device,
-        class_code=class_code,
-        header_type=0x00,
-        command=0x0406,
-        driver=driver,
-        driver_can_unbind=driver is not None,
-    )
+    return endpoint(bdf, driver, vendor=vendor, device=device, class_code=class_code)
 
 
 E1000E = function("0000:02:00.0", 0x8086, 0x10D3, 0x020000, "e1000e")
