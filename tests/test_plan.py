@@ -8,7 +8,7 @@ from petitkexec.bdf import Bdf
 from petitkexec.model import CONFIG_GONE, PciFunction, SystemFacts, Topology
 from petitkexec.plan import Action, Plan, Step, build_plan
 from petitkexec.policy import Policy
-from tests.builders import BME_OFF, BME_ON, bridge, endpoint  # noqa: F401
+from tests.builders import BME_OFF, bridge, endpoint
 
 
 def machine() -> list[PciFunction]:
