@@ -10,7 +10,7 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pytest
@@ -32,6 +32,7 @@ HOST_TOOLS = (
     "mke2fs",
 )
 _TIMINGS = pytest.StashKey[list[tuple[str, str]]]()
+Boot = Callable[..., guest.GuestRun]
 
 
 def in_ci() -> bool:
@@ -59,40 +60,64 @@ def record_timing(pytestconfig: pytest.Config) -> Callable[[str, str], None]:
 
 
 @pytest.fixture(scope="session")
-def vm_images(record_timing: Callable[[str, str], None]) -> image.Images:
-    """The guest images: cached base, petitkexec layer rebuilt from the tree this session."""
-    missing = [
-        tool
-        for tool in HOST_TOOLS
-        if shutil.which(tool) is None
-        and not Path("/sbin", tool).exists()
-        and not Path("/usr/sbin", tool).exists()
-    ]
-    if missing:
-        message = f"real-kernel lane needs {', '.join(missing)}: see .ci/apt-packages"
-        if in_ci():
-            pytest.fail(message)
-        pytest.skip(message)
-    started = time.monotonic()
-    images = image.current_images()
-    record_timing(
-        "image build (this session)",
-        f"{time.monotonic() - started:.1f}s (petitkexec layer: {images.project_install})",
-    )
-    return images
+def lane_images(
+    record_timing: Callable[[str, str], None],
+) -> Callable[[image.Lane, Sequence[str]], image.Images]:
+    """lane_images(lane, host_tools): the lane's images for this session (cached base,
+    petitkexec layer rebuilt from the tree), build time reported. A missing host tool skips
+    the lane locally and fails it in CI."""
+
+    def build(lane: image.Lane, host_tools: Sequence[str]) -> image.Images:
+        missing = [
+            tool
+            for tool in host_tools
+            if shutil.which(tool) is None
+            and not Path("/sbin", tool).exists()
+            and not Path("/usr/sbin", tool).exists()
+        ]
+        if missing:
+            message = f"the {lane.name} lane needs {', '.join(missing)}: see .ci/apt-packages"
+            if in_ci():
+                pytest.fail(message)
+            pytest.skip(message)
+        started = time.monotonic()
+        images = image.current_images(lane)
+        record_timing(
+            f"{lane.name} image build (this session)",
+            f"{time.monotonic() - started:.1f}s (petitkexec layer: {images.project_install})",
+        )
+        return images
+
+    return build
 
 
 @pytest.fixture
-def boot(
-    vm_images: image.Images,
-    request: pytest.FixtureRequest,
-    record_timing: Callable[[str, str], None],
-) -> Iterator[Callable[..., guest.GuestRun]]:
-    """boot(scenario, **kwargs) -> GuestRun, with this session's images; times are reported."""
+def timed_boot(
+    request: pytest.FixtureRequest, record_timing: Callable[[str, str], None]
+) -> Callable[[Boot, image.Images], Boot]:
+    """timed_boot(boot_function, images) -> boot(scenario, **kwargs) -> GuestRun, with these
+    images; each boot's wall time is reported under the test's name."""
 
-    def _boot(scenario: str, **kwargs: object) -> guest.GuestRun:
-        run = guest.boot_guest(scenario, images=vm_images, **kwargs)  # type: ignore[arg-type]
-        record_timing(f"{request.node.name} wall", f"{run.wall_seconds:.1f}s (log {run.log_path})")
-        return run
+    def bind(boot_function: Boot, images: image.Images) -> Boot:
+        def _boot(scenario: str, **kwargs: object) -> guest.GuestRun:
+            run = boot_function(scenario, images=images, **kwargs)
+            record_timing(
+                f"{request.node.name} wall", f"{run.wall_seconds:.1f}s (log {run.log_path})"
+            )
+            return run
 
-    yield _boot
+        return _boot
+
+    return bind
+
+
+@pytest.fixture(scope="session")
+def vm_images(lane_images: Callable[[image.Lane, Sequence[str]], image.Images]) -> image.Images:
+    """The q35 guest's images."""
+    return lane_images(image.X86, HOST_TOOLS)
+
+
+@pytest.fixture
+def boot(vm_images: image.Images, timed_boot: Callable[[Boot, image.Images], Boot]) -> Boot:
+    """boot(scenario, **kwargs) -> GuestRun: guest.boot_guest with this session's images."""
+    return timed_boot(guest.boot_guest, vm_images)

@@ -10,6 +10,9 @@ powers off. If the scenario kexecs, the second kernel (tests/vm/guest/init-secon
 
 QEMU is always killed when `timeout` runs out, and when power-off does not follow the final
 line within `poweroff_grace` seconds (a hung device shutdown): a test run never hangs.
+
+boot() does this on any lane's `Machine` (`Q35` here, powernv.POWERNV9); boot_guest() is boot()
+on q35 with its virtio-9p share and second serial port.
 """
 
 from __future__ import annotations
@@ -98,6 +101,65 @@ EXPECTED_DRIVERS: dict[str, str | None] = {
     "0000:00:0a.0": "pcieport",
     "0000:08:00.0": "ahci",
 }
+
+
+@dataclasses.dataclass(frozen=True)
+class Machine:
+    """A lane's QEMU machine: what boot() does not do the same way on every lane."""
+
+    lane: image.Lane  # the images it boots; the serial logs go to its cache's runs/
+    qemu: str
+    machine: str
+    memory: str
+    console: str  # both kernels' console=
+    topology: tuple[str, ...]
+    serial: tuple[str, ...] = ()  # an explicit console port (q35: so a capture port is ttyS1)
+    # init-stage1 gives the second kernel console=ttyS0: another console must be added.
+    second_console: bool = False
+    timeout: float = 240
+    keep_logs: int = 100  # serial logs kept in runs/
+
+    def command(self, kernel: Path, initrd: Path, disk: Path, append: str) -> list[str]:
+        qemu = shutil.which(self.qemu)
+        if qemu is None:
+            raise RuntimeError(f"{self.qemu} not found: see .ci/apt-packages")
+        args = [
+            qemu,
+            "-machine",
+            self.machine,
+            "-accel",
+            "tcg",
+            "-m",
+            self.memory,
+            "-smp",
+            "1",
+            "-nographic",
+            "-no-reboot",
+            *self.serial,
+            "-kernel",
+            str(kernel),
+            "-initrd",
+            str(initrd),
+            "-append",
+            append,
+            "-drive",
+            f"if=none,id=nvmedisk,file={disk},format=raw",
+        ]
+        for option in self.topology:
+            args += option.split(" ", 1)
+        return args
+
+
+Q35 = Machine(
+    lane=image.X86,
+    qemu=QEMU,
+    machine="q35",
+    memory=MEMORY,
+    console="ttyS0",
+    topology=TOPOLOGY,
+    serial=("-serial", "mon:stdio"),
+    keep_logs=KEEP_LOGS,
+)
 
 _PRINTK_TIME = re.compile(r"^\[\s*(\d+\.\d+)\]\s")
 _UPTIME = re.compile(r"\buptime=(\d+\.\d+)")
@@ -227,57 +289,6 @@ class _SerialReader(threading.Thread):
             )
 
 
-def _qemu_command(
-    images: image.Images,
-    initrd: Path,
-    disk: Path,
-    *,
-    append: str,
-    virtfs_dir: Path | None,
-    capture_path: Path | None,
-    extra_qemu_args: Sequence[str],
-) -> list[str]:
-    qemu = shutil.which(QEMU)
-    if qemu is None:
-        raise RuntimeError(f"{QEMU} not found: see .ci/apt-packages")
-    args = [
-        qemu,
-        "-machine",
-        "q35",
-        "-accel",
-        "tcg",
-        "-m",
-        MEMORY,
-        "-smp",
-        "1",
-        "-nographic",
-        "-no-reboot",
-        "-serial",
-        "mon:stdio",
-        "-kernel",
-        str(images.kernel),
-        "-initrd",
-        str(initrd),
-        "-append",
-        append,
-        "-drive",
-        f"if=none,id=nvmedisk,file={disk},format=raw",
-    ]
-    for option in TOPOLOGY:
-        args += option.split(" ", 1)
-    if capture_path is not None:
-        args += ["-serial", f"file:{capture_path}"]
-    if virtfs_dir is not None:
-        args += [
-            "-fsdev",
-            f"local,id=fs0,path={virtfs_dir},security_model=none",
-            "-device",
-            f"virtio-9p-pci,fsdev=fs0,mount_tag={VIRTFS_TAG},bus=pcie.0,"
-            f"addr={VIRTFS_BDF.split(':')[2].split('.')[0]}",
-        ]
-    return [*args, *extra_qemu_args]
-
-
 def _run_layer(
     path: Path,
     *,
@@ -384,46 +395,51 @@ def _parse(run_lines: list[tuple[float, str]], marker: str) -> dict[str, Any]:
     return parsed
 
 
-def boot_guest(
+def boot(
+    machine: Machine,
     scenario: str,
     *,
     second_scenario: str | None = None,
     load_second: bool = True,
     extra_qemu_args: Sequence[str] = (),
     nvme_image: Path | None = None,
-    virtfs_dir: Path | None = None,
-    capture_path: Path | None = None,
     kernel_append: str = "",
     second_append: str = "",
-    timeout: float = 240,
+    timeout: float | None = None,
     poweroff_grace: float = 30,
     images: image.Images | None = None,
     echo: bool | None = None,
+    virtfs: bool = False,
+    capture_path: Path | None = None,
 ) -> GuestRun:
-    """Boot stage 1 with `scenario` (busybox sh script) and return what happened.
+    """Boot stage 1 on `machine` with `scenario` (busybox sh script) and return what happened.
 
     - second_scenario: sh script the second kernel runs after its report;
     - load_second=False: stage 1 does not `kexec -l` (the scenario may load by itself);
     - nvme_image: raw disk for the nvme namespace (default: a blank 64 MiB file);
-    - virtfs_dir: shared as virtio-9p (tag "host0", at 00:09.0); mount it in the scenario with
-      `mount -t 9p -o trans=virtio,version=9p2000.L host0 /mnt`;
-    - capture_path: a second serial port (guest /dev/ttyS1) written to this host file;
-    - echo: copy the console to stderr as it arrives (default: $PETITKEXEC_VM_ECHO).
+    - timeout: default machine.timeout; images: default the machine's lane's current images;
+    - echo: copy the console to stderr as it arrives (default: $PETITKEXEC_VM_ECHO);
+    - virtfs, capture_path: extra_qemu_args has a virtio-9p share (stage 1 exports its tag as
+      $PK_VIRTFS_TAG) or a serial port written to capture_path (kept in the GuestRun).
     """
-    images = images or image.current_images()
+    images = images or image.current_images(machine.lane)
     echo = bool(os.environ.get("PETITKEXEC_VM_ECHO")) if echo is None else echo
-    runs = image.cache_dir() / "runs"
+    timeout = machine.timeout if timeout is None else timeout
+    runs = machine.lane.cache() / "runs"
     runs.mkdir(parents=True, exist_ok=True)
     marker = uuid.uuid4().hex[:12]
     work = Path(tempfile.mkdtemp(prefix=f"run-{marker}-", dir=runs))
     log_path = runs / f"{marker}.log"
-    for old_log in sorted(runs.glob("*.log"), key=lambda p: p.stat().st_mtime)[:-KEEP_LOGS]:
+    old_logs = sorted(runs.glob("*.log"), key=lambda p: p.stat().st_mtime)
+    for old_log in old_logs[: -machine.keep_logs]:
         old_log.unlink(missing_ok=True)
     disk = nvme_image
     if disk is None:
         disk = work / "nvme.img"
         with open(disk, "wb") as f:
             f.truncate(64 << 20)
+    if machine.second_console:  # the last console= is /dev/console
+        second_append = f"console={machine.console} {second_append}".strip()
     layer = _run_layer(
         work / "run.cpio.gz",
         scenario=scenario,
@@ -431,23 +447,15 @@ def boot_guest(
         marker=marker,
         load_second=load_second,
         second_append=second_append,
-        virtfs=virtfs_dir is not None,
+        virtfs=virtfs,
     )
     initrd = work / "initrd.cpio.gz"
     with open(initrd, "wb") as out:
         for part in [*images.stage1_layers, layer]:
             with open(part, "rb") as f:
                 shutil.copyfileobj(f, out, 1 << 20)
-    append = f"console=ttyS0 panic=-1 loglevel=6 {kernel_append}".strip()
-    args = _qemu_command(
-        images,
-        initrd,
-        disk,
-        append=append,
-        virtfs_dir=virtfs_dir,
-        capture_path=capture_path,
-        extra_qemu_args=extra_qemu_args,
-    )
+    append = f"console={machine.console} panic=-1 loglevel=6 {kernel_append}".strip()
+    args = [*machine.command(images.kernel, initrd, disk, append), *extra_qemu_args]
 
     started = time.monotonic()
     timed_out = poweroff_hung = False
@@ -490,4 +498,40 @@ def boot_guest(
         capture_path=capture_path,
         qemu_args=args,
         **parsed,
+    )
+
+
+def boot_guest(
+    scenario: str,
+    *,
+    virtfs_dir: Path | None = None,
+    capture_path: Path | None = None,
+    extra_qemu_args: Sequence[str] = (),
+    **options: Any,
+) -> GuestRun:
+    """boot() on q35 (options: second_scenario, load_second, nvme_image, kernel_append,
+    second_append, timeout (240 s), poweroff_grace, images, echo), and:
+
+    - virtfs_dir: shared as virtio-9p (tag "host0", at 00:09.0); mount it in the scenario with
+      `mount -t 9p -o trans=virtio,version=9p2000.L host0 /mnt`;
+    - capture_path: a second serial port (guest /dev/ttyS1) written to this host file.
+    """
+    q35: list[str] = []
+    if capture_path is not None:
+        q35 += ["-serial", f"file:{capture_path}"]
+    if virtfs_dir is not None:
+        q35 += [
+            "-fsdev",
+            f"local,id=fs0,path={virtfs_dir},security_model=none",
+            "-device",
+            f"virtio-9p-pci,fsdev=fs0,mount_tag={VIRTFS_TAG},bus=pcie.0,"
+            f"addr={VIRTFS_BDF.split(':')[2].split('.')[0]}",
+        ]
+    return boot(
+        Q35,
+        scenario,
+        extra_qemu_args=[*q35, *extra_qemu_args],
+        virtfs=virtfs_dir is not None,
+        capture_path=capture_path,
+        **options,
     )

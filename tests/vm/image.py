@@ -12,6 +12,10 @@ archive and PyPI for petitkexec's dependencies) and is cached under ``<repo>/.ca
 - ``session/``    petitkexec itself, installed from the working tree: rebuilt once per process
                   (= once per pytest session), because the tree changes under test.
 
+All of it is done by lane: a `Lane` names what differs (architecture, packages, modules, how
+to reach apt, the kernel's file name, the cache subdirectory). `X86` is the q35 lane's;
+powernv.py defines the PowerNV lane's, cached under ``.cache/vm/powernv/`` the same way.
+
 An initramfs is a gzip'd newc cpio; the kernel unpacks concatenated archives in order, so a
 boot's initrd is ``stage1-base + deps + project + the run's own layer`` (see guest.py).
 
@@ -45,11 +49,11 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
 GUEST_SCRIPTS = HERE / "guest"
 
-KERNEL_META_PACKAGE = "linux-image-amd64"
 KERNEL_SERIES = "6.1."
 # Packages wanted for what they ship; the library packages they depend on are added by
-# following Depends/Pre-Depends into lib* packages (see fetch_packages).
-ROOT_PACKAGES = (
+# following Depends/Pre-Depends into lib* packages (see fetch_packages). Every lane's guest
+# has the BASE_PACKAGES; the q35 lane's has more.
+BASE_PACKAGES = (
     "libc6",
     "libc-bin",  # /sbin/ldconfig: ctypes.util.find_library runs `ldconfig -p` (pyudev)
     "busybox-static",
@@ -58,6 +62,9 @@ ROOT_PACKAGES = (
     "libpython3.11-minimal",
     "libpython3.11-stdlib",
     "libudev1",
+)
+ROOT_PACKAGES = (
+    *BASE_PACKAGES,
     "umockdev",
     "libumockdev0",
     "udev",  # only its udevadm binary: umockdev-record runs `udevadm info`
@@ -97,7 +104,6 @@ STDLIB_DROP = frozenset(
         "dbm",
         "curses",
         "venv",
-        "config-3.11-x86_64-linux-gnu",
         "turtle.py",
         "pydoc.py",
         "doctest.py",
@@ -109,7 +115,6 @@ LIB_DYNLOAD_DROP = re.compile(
     r"^(_test|_ctypes_test|_xx|xxlimited|_curses|_dbm|_gdbm|_sqlite3|readline|nis|ossaudiodev"
     r"|_crypt|audioop|_tkinter)"
 )
-LIB_DIRS = ("lib/x86_64-linux-gnu", "usr/lib/x86_64-linux-gnu", "lib64", "lib", "usr/lib")
 GUEST_SITE_PACKAGES = "usr/lib/python3/dist-packages"
 FALLBACK_DEPENDENCIES = ("click>=8.1", "pyudev>=0.24", "structlog>=23.1")
 FALLBACK_ENTRY_POINT = "petitkexec.cli:main"
@@ -138,11 +143,68 @@ def _run(args: list[str], *, cwd: Path | None = None, check: bool = True) -> str
     return proc.stdout
 
 
-@functools.lru_cache(maxsize=1)
-def _repo_sources_hash() -> str:
-    """Hash of everything that shapes the cached images (this file and the guest scripts)."""
+# --------------------------------------------------------------------------- lanes
+
+
+@dataclasses.dataclass(frozen=True)
+class Lane:
+    """What one lane's guest images are made of. How they are made is the same for every lane."""
+
+    name: str
+    arch: str  # Debian's architecture name
+    triplet: str  # the multiarch library directory
+    dynamic_loader: str
+    kernel_flavour: str  # the kernel comes from linux-image-<flavour>
+    kernel_file: str  # the kernel's name in /boot (<name>-<version>) and in build-<key>/
+    root_packages: tuple[str, ...]
+    guest_modules: tuple[str, ...]  # loaded by both kernels, with their dependencies
+    cache_subdir: str = ""  # below cache_dir()
+    # More for stage 1: scripts from guest/ (in /usr/bin), binaries with their libraries, links.
+    stage1_scripts: tuple[str, ...] = ()
+    stage1_programs: tuple[str, ...] = ()
+    stage1_links: tuple[tuple[str, str], ...] = ()
+    # None: the host runs the guest's busybox and ldconfig (applets linked and ld cache built
+    # here). Otherwise this /init does both at boot, then runs the common init (/etc/pk-init).
+    boot_init: Path | None = None
+    # None: the host's apt, whose lists the host keeps fresh (.ci/run). Otherwise the
+    # environment of a private APT_CONFIG, and how to refresh its lists (force, else if stale).
+    apt_env: Callable[[], dict[str, str]] | None = None
+    update_lists: Callable[[bool], None] | None = None
+    sources: tuple[Path, ...] = ()  # more files (or folders) that shape the base images
+
+    def cache(self) -> Path:
+        return cache_dir() / self.cache_subdir
+
+    @property
+    def lib_dirs(self) -> tuple[str, ...]:
+        return (f"lib/{self.triplet}", f"usr/lib/{self.triplet}", "lib64", "lib", "usr/lib")
+
+
+X86 = Lane(
+    name="x86",
+    arch="amd64",
+    triplet="x86_64-linux-gnu",
+    dynamic_loader="lib64/ld-linux-x86-64.so.2",
+    kernel_flavour="amd64",
+    kernel_file="vmlinuz",
+    root_packages=ROOT_PACKAGES,
+    guest_modules=GUEST_MODULES,
+    stage1_scripts=("setup-sriov",),
+    # umockdev-record runs `udevadm info`; nvme-cli for the scenarios.
+    stage1_programs=("usr/bin/umockdev-record", "bin/udevadm", "usr/sbin/nvme"),
+    stage1_links=(("usr/bin/udevadm", "/bin/udevadm"),),
+)
+
+
+@functools.cache
+def _sources_hash(lane: Lane) -> str:
+    """Hash of everything that shapes a lane's cached images (this file, the guest scripts and
+    the lane's own sources)."""
+    files = [Path(__file__).resolve(), *sorted(GUEST_SCRIPTS.iterdir())]
+    for source in lane.sources:
+        files += sorted(source.iterdir()) if source.is_dir() else [source]
     digest = hashlib.sha256()
-    for path in [Path(__file__).resolve(), *sorted(GUEST_SCRIPTS.iterdir())]:
+    for path in files:
         digest.update(path.name.encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()[:16]
 
@@ -150,16 +212,34 @@ def _repo_sources_hash() -> str:
 # --------------------------------------------------------------------------- packages
 
 
-def kernel_package() -> str:
-    """The exact Debian 12 kernel package behind linux-image-amd64 (linux-image-6.1.*-amd64)."""
-    out = _run(["apt-cache", "depends", KERNEL_META_PACKAGE])
-    names = re.findall(r"Depends:\s*(linux-image-\S+-amd64)", out)
-    if not names:
-        raise ImageError(
-            f"apt-cache depends {KERNEL_META_PACKAGE} names no kernel; run `apt-get update` "
-            "(see .ci/apt-packages)"
-        )
-    return str(names[0])
+def apt(
+    lane: Lane, args: list[str], *, cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
+    """apt-get/apt-cache as the lane reaches apt (unchecked)."""
+    return subprocess.run(
+        args,
+        cwd=cwd,
+        env=None if lane.apt_env is None else lane.apt_env(),
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
+        check=False,
+    )
+
+
+def kernel_package(lane: Lane = X86) -> str:
+    """The exact Debian 12 kernel package behind linux-image-<flavour> (linux-image-6.1.*-...).
+    A private apt's lists are refreshed first when stale, and again if they name no kernel."""
+    meta = f"linux-image-{lane.kernel_flavour}"
+    for attempt in range(1 if lane.update_lists is None else 2):
+        if lane.update_lists is not None:
+            lane.update_lists(attempt > 0)
+        out = apt(lane, ["apt-cache", "depends", meta]).stdout
+        names = re.findall(rf"Depends:\s*(linux-image-\S+-{lane.kernel_flavour})", out)
+        if names:
+            return str(names[0])
+    hint = "" if lane.update_lists else "; run `apt-get update` (see .ci/apt-packages)"
+    raise ImageError(f"apt-cache depends {meta} ({lane.arch}) names no kernel{hint}")
 
 
 def _deb_field(deb: Path, field: str) -> str:
@@ -178,48 +258,44 @@ def _parse_depends(value: str) -> list[str]:
     return names
 
 
-def _download(names: Iterable[str], debs: Path) -> None:
+def _download(lane: Lane, names: Iterable[str], debs: Path, roots: list[str]) -> None:
     names = sorted(set(names))
-    if not names:
-        return
-    proc = subprocess.run(
-        ["apt-get", "download", *names], cwd=debs, capture_output=True, text=True, check=False
-    )
-    if proc.returncode == 0:
+    if not names or apt(lane, ["apt-get", "download", *names], cwd=debs).returncode == 0:
         return
     # One unknown (virtual) name fails the batch: retry one by one, give up only on roots.
     for name in names:
-        one = subprocess.run(
-            ["apt-get", "download", name], cwd=debs, capture_output=True, text=True, check=False
-        )
+        one = apt(lane, ["apt-get", "download", name], cwd=debs)
         if one.returncode != 0:
-            if name in ROOT_PACKAGES or name.startswith("linux-image-"):
-                raise ImageError(f"apt-get download {name} failed:\n{one.stderr}")
+            if name in roots:
+                raise ImageError(f"apt-get download {name} ({lane.arch}) failed:\n{one.stderr}")
             log(f"skipping dependency {name}: {one.stderr.strip().splitlines()[-1:]}")
 
 
-def fetch_packages(debs: Path) -> dict[str, Path]:
-    """Download the root packages and their library closure; return {package: .deb}.
+def fetch_packages(debs: Path, lane: Lane = X86) -> dict[str, Path]:
+    """Download the lane's root packages and their library closure; return {package: .deb}.
 
-    A manifest pins what was downloaded, so later runs reuse the same files without asking apt.
+    A manifest pins what was downloaded, so later runs reuse the same files. The host's apt is
+    asked for the kernel every time (a newer one replaces the set); with a private apt, whose
+    lists are refreshed only when needed, the set stays pinned until the root packages change.
     """
     debs.mkdir(parents=True, exist_ok=True)
     manifest_path = debs / "manifest.json"
-    wanted_roots = [kernel_package(), *ROOT_PACKAGES]
+    roots = None if lane.update_lists else [kernel_package(lane), *lane.root_packages]
     if manifest_path.exists():
         manifest = json.loads(manifest_path.read_text())
-        if manifest.get("roots") == wanted_roots and all(
-            (debs / f).exists() for f in manifest["packages"].values()
-        ):
+        pinned = manifest.get("roots", [])
+        current = pinned == roots if roots else pinned[1:] == list(lane.root_packages)
+        if current and all((debs / f).exists() for f in manifest["packages"].values()):
             return {name: debs / f for name, f in manifest["packages"].items()}
     started = time.monotonic()
+    roots = roots or [kernel_package(lane), *lane.root_packages]
     for stale in debs.glob("*.deb"):
         stale.unlink()
     have: dict[str, Path] = {}
     asked: set[str] = set()
-    todo = set(wanted_roots)
+    todo = set(roots)
     while todo:
-        _download(todo, debs)
+        _download(lane, todo, debs, roots)
         asked |= todo
         for deb in debs.glob("*.deb"):
             have.setdefault(deb.name.split("_", 1)[0], deb)
@@ -230,8 +306,8 @@ def fetch_packages(debs: Path) -> dict[str, Path]:
         # Names asked for that never arrived (virtual packages) are not asked again.
         todo = new - set(have) - asked
     packages = {name: deb.name for name, deb in sorted(have.items())}
-    manifest_path.write_text(json.dumps({"roots": wanted_roots, "packages": packages}, indent=1))
-    log(f"downloaded {len(packages)} packages in {time.monotonic() - started:.1f}s")
+    manifest_path.write_text(json.dumps({"roots": roots, "packages": packages}, indent=1))
+    log(f"downloaded {len(packages)} {lane.arch} packages in {time.monotonic() - started:.1f}s")
     return {name: debs / f for name, f in packages.items()}
 
 
@@ -340,9 +416,10 @@ def elf_needed(path: Path) -> list[str]:
 class RootBuilder:
     """A guest root assembled from files of the unpacked packages (pkgroot)."""
 
-    def __init__(self, pkgroot: Path, root: Path) -> None:
+    def __init__(self, pkgroot: Path, root: Path, lane: Lane) -> None:
         self.pkgroot = pkgroot
         self.root = root
+        self.lane = lane
         if root.exists():
             shutil.rmtree(root)
         root.mkdir(parents=True)
@@ -361,7 +438,7 @@ class RootBuilder:
             "mnt",
             "boot",
             "var/tmp",
-            "lib/x86_64-linux-gnu",
+            f"lib/{lane.triplet}",
             "lib64",
         ):
             (root / d).mkdir(parents=True, exist_ok=True)
@@ -402,15 +479,17 @@ class RootBuilder:
                     self.add(os.path.relpath(full, self.pkgroot))
 
     def find_library(self, soname: str) -> str:
-        for d in LIB_DIRS:
+        for d in self.lane.lib_dirs:
             if (self.pkgroot / d / soname).exists():
                 return f"{d}/{soname}"
-        raise ImageError(f"library {soname} is in no downloaded package (add its package)")
+        raise ImageError(
+            f"library {soname} is in no downloaded {self.lane.arch} package (add its package)"
+        )
 
     def add_elf_closure(self, *rels: str) -> None:
         """Add binaries and every library they need, recursively (what ldd would name)."""
         todo = [r.lstrip("/") for r in rels]
-        todo.append("lib64/ld-linux-x86-64.so.2")
+        todo.append(self.lane.dynamic_loader)
         seen: set[str] = set()
         while todo:
             rel = todo.pop()
@@ -436,6 +515,9 @@ class RootBuilder:
 
 def _install_busybox(rb: RootBuilder) -> None:
     rb.add("bin/busybox")
+    if rb.lane.boot_init is not None:  # it links the applets at boot
+        rb.symlink("bin/sh", "busybox")
+        return
     applets = _run([str(rb.pkgroot / "bin/busybox"), "--list-full"]).split()
     for applet in applets:
         rb.symlink(applet, "/bin/busybox")
@@ -444,7 +526,14 @@ def _install_busybox(rb: RootBuilder) -> None:
 def _install_guest_scripts(
     rb: RootBuilder, init: str, kver: str, modules: list[str], modules_dir: Path
 ) -> None:
-    rb.write("init", (GUEST_SCRIPTS / init).read_text(), 0o755)
+    """busybox and the guest scripts, with `init` (init-stage1 or init-second) as /init or,
+    behind the lane's boot_init, as /etc/pk-init."""
+    _install_busybox(rb)
+    if rb.lane.boot_init is None:
+        rb.write("init", (GUEST_SCRIPTS / init).read_text(), 0o755)
+    else:
+        rb.write("etc/pk-init", (GUEST_SCRIPTS / init).read_text(), 0o755)
+        rb.write("init", rb.lane.boot_init.read_text(), 0o755)
     rb.write("etc/pk-lib.sh", (GUEST_SCRIPTS / "lib.sh").read_text())
     rb.write("usr/bin/readback", (GUEST_SCRIPTS / "readback").read_text(), 0o755)
     rb.write("etc/passwd", "root:x:0:0:root:/root:/bin/sh\n")
@@ -594,11 +683,12 @@ def _install_python(rb: RootBuilder) -> None:
     rb.symlink("usr/bin/python3", "python3.11")
     rb.add_tree("etc/python3.11")
     stdlib = rb.pkgroot / "usr/lib/python3.11"
+    config = f"config-3.11-{rb.lane.triplet}"
 
     def keep(full: str) -> bool:
         rel = os.path.relpath(full, stdlib)
         top = rel.split(os.sep, 1)[0]
-        if top in STDLIB_DROP or "__pycache__" in rel.split(os.sep):
+        if top in STDLIB_DROP or top == config or "__pycache__" in rel.split(os.sep):
             return False
         dropped_extension = top == "lib-dynload" and LIB_DYNLOAD_DROP.match(os.path.basename(rel))
         return not dropped_extension
@@ -613,16 +703,16 @@ def _install_python(rb: RootBuilder) -> None:
     (rb.root / GUEST_SITE_PACKAGES).mkdir(parents=True, exist_ok=True)
 
 
-def _ldconfig(root: Path) -> None:
-    conf = root / "etc/ld.so.conf"
-    conf.write_text("include /etc/ld.so.conf.d/*.conf\n")
-    (root / "etc/ld.so.conf.d").mkdir(exist_ok=True)
-    (root / "etc/ld.so.conf.d/x86_64-linux-gnu.conf").write_text(
-        "/lib/x86_64-linux-gnu\n/usr/lib/x86_64-linux-gnu\n"
-    )
+def _ldconfig(rb: RootBuilder) -> None:
+    """ld.so.conf, and the ld cache when the host can build it (else the lane's boot_init)."""
+    triplet = rb.lane.triplet
+    rb.write("etc/ld.so.conf", "include /etc/ld.so.conf.d/*.conf\n")
+    rb.write(f"etc/ld.so.conf.d/{triplet}.conf", f"/lib/{triplet}\n/usr/lib/{triplet}\n")
+    if rb.lane.boot_init is not None:
+        return
     ldconfig = shutil.which("ldconfig") or "/sbin/ldconfig"
-    _run([ldconfig, "-r", str(root)])
-    if not (root / "etc/ld.so.cache").exists():
+    _run([ldconfig, "-r", str(rb.root)])
+    if not (rb.root / "etc/ld.so.cache").exists():
         raise ImageError("ldconfig -r wrote no ld.so.cache")
 
 
@@ -801,10 +891,9 @@ class Images:
 
 
 def _build_second(
-    pkgroot: Path, build: Path, kver: str, modules: list[str], modules_dir: Path
+    lane: Lane, pkgroot: Path, build: Path, kver: str, modules: list[str], modules_dir: Path
 ) -> Path:
-    rb = RootBuilder(pkgroot, build / "second-root")
-    _install_busybox(rb)
+    rb = RootBuilder(pkgroot, build / "second-root", lane)
     _install_guest_scripts(rb, "init-second", kver, modules, modules_dir)
     out = write_cpio(rb.root, build / "second-base.cpio.gz", nodes=[CONSOLE], level=9)
     shutil.rmtree(rb.root)
@@ -812,54 +901,57 @@ def _build_second(
 
 
 def _build_stage1(
+    lane: Lane,
     pkgroot: Path,
     build: Path,
     kver: str,
     modules: list[str],
     modules_dir: Path,
-    vmlinuz: Path,
+    kernel: Path,
     second: Path,
 ) -> Path:
-    rb = RootBuilder(pkgroot, build / "stage1-root")
-    _install_busybox(rb)
+    rb = RootBuilder(pkgroot, build / "stage1-root", lane)
     _install_guest_scripts(rb, "init-stage1", kver, modules, modules_dir)
     rb.write("usr/sbin/kexec-readback", (GUEST_SCRIPTS / "kexec-readback").read_text(), 0o755)
-    rb.write("usr/bin/setup-sriov", (GUEST_SCRIPTS / "setup-sriov").read_text(), 0o755)
+    for script in lane.stage1_scripts:
+        rb.write(f"usr/bin/{script}", (GUEST_SCRIPTS / script).read_text(), 0o755)
     rb.add_elf_closure("sbin/kexec")
     rb.symlink("usr/sbin/kexec", "/sbin/kexec")
     _install_python(rb)
     # pyudev loads libudev through ctypes.util.find_library("udev"), which parses the output
     # of `/sbin/ldconfig -p`: it needs both the ld cache and the ldconfig binary.
-    rb.add_elf_closure("usr/lib/x86_64-linux-gnu/libudev.so.1", "sbin/ldconfig")
-    rb.add_elf_closure("usr/bin/umockdev-record", "bin/udevadm")
-    rb.symlink("usr/bin/udevadm", "/bin/udevadm")
-    rb.add_elf_closure("usr/sbin/nvme")
-    shutil.copy2(vmlinuz, rb.root / "boot/vmlinuz")
+    rb.add_elf_closure(f"usr/lib/{lane.triplet}/libudev.so.1", "sbin/ldconfig")
+    if lane.stage1_programs:
+        rb.add_elf_closure(*lane.stage1_programs)
+    for link, target in lane.stage1_links:
+        rb.symlink(link, target)
+    shutil.copy2(kernel, rb.root / "boot/vmlinuz")  # the name the guest scripts load
     shutil.copy2(second, rb.root / "boot/second-base.cpio.gz")
-    _ldconfig(rb.root)
+    _ldconfig(rb)
     compile_tree(rb.root, "usr/lib/python3.11")
     out = write_cpio(rb.root, build / "stage1-base.cpio.gz", nodes=[CONSOLE], level=6)
     shutil.rmtree(rb.root)
     return out
 
 
-def build_images(*, force: bool = False, project: bool = True) -> Images:
+def build_images(*, force: bool = False, project: bool = True, lane: Lane = X86) -> Images:
     """Build (or reuse) the cached images; rebuild the petitkexec layer unless project=False."""
-    cache = cache_dir()
+    cache = lane.cache()
     cache.mkdir(parents=True, exist_ok=True)
     # Two test runs in one checkout would otherwise delete each other's half-built images.
     with open(cache / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        return _build_images(cache, force=force, project=project)
+        return _build_images(lane, cache, force=force, project=project)
 
 
-def _build_images(cache: Path, *, force: bool, project: bool) -> Images:
+def _build_images(lane: Lane, cache: Path, *, force: bool, project: bool) -> Images:
     started = time.monotonic()
-    packages = fetch_packages(cache / "debs")
-    kpkg = next(n for n in packages if n.startswith("linux-image-") and n.endswith("-amd64"))
+    packages = fetch_packages(cache / "debs", lane)
+    flavour = f"-{lane.kernel_flavour}"
+    kpkg = next(n for n in packages if n.startswith("linux-image-") and n.endswith(flavour))
     deb_names = sorted(p.name for p in packages.values())
     key = hashlib.sha256(
-        json.dumps([_repo_sources_hash(), deb_names, GUEST_MODULES]).encode()
+        json.dumps([_sources_hash(lane), deb_names, lane.guest_modules]).encode()
     ).hexdigest()[:12]
     build = cache / f"build-{key}"
     info_path = build / "info.json"
@@ -872,23 +964,23 @@ def _build_images(cache: Path, *, force: bool, project: bool) -> Images:
             # Debian does not ship modules.dep; generate it the way the postinst would.
             base = modules_dir.parent.parent.parent
             _run(["depmod", "-b", str(base), kver])
-        modules = module_load_order(modules_dir, GUEST_MODULES)
+        modules = module_load_order(modules_dir, lane.guest_modules)
         for old in cache.glob("build-*"):
             if old != build:
                 shutil.rmtree(old, ignore_errors=True)
         if build.exists():
             shutil.rmtree(build)
         build.mkdir()
-        vmlinuz = build / "vmlinuz"
-        shutil.copy2(pkgroot / "boot" / f"vmlinuz-{kver}", vmlinuz)
-        second = _build_second(pkgroot, build, kver, modules, modules_dir)
-        stage1 = _build_stage1(pkgroot, build, kver, modules, modules_dir, vmlinuz, second)
+        kernel = build / lane.kernel_file
+        shutil.copy2(pkgroot / "boot" / f"{lane.kernel_file}-{kver}", kernel)
+        second = _build_second(lane, pkgroot, build, kver, modules, modules_dir)
+        stage1 = _build_stage1(lane, pkgroot, build, kver, modules, modules_dir, kernel, second)
         info = {
             "kernel_version": kver,
             "kernel_package": kpkg,
             "packages": deb_names,
             "modules": modules,
-            "sizes": {p.name: p.stat().st_size for p in (vmlinuz, second, stage1)},
+            "sizes": {p.name: p.stat().st_size for p in (kernel, second, stage1)},
             "base_build_seconds": round(time.monotonic() - t0, 1),
         }
         info_path.write_text(json.dumps(info, indent=1))
@@ -901,7 +993,7 @@ def _build_images(cache: Path, *, force: bool, project: bool) -> Images:
         t0 = time.monotonic()
         for old in build.glob("deps-*.cpio.gz"):
             old.unlink()
-        build_deps_layer(deps_layer)
+        build_deps_layer(deps_layer)  # pure-Python wheels: the same on every architecture
         log(f"built the dependency layer in {time.monotonic() - t0:.1f}s")
 
     session = cache / "session"
@@ -913,9 +1005,9 @@ def _build_images(cache: Path, *, force: bool, project: bool) -> Images:
         project_layer, how = build_project_layer(project_layer)
         (session / "project.how").write_text(how)
         log(f"built the petitkexec layer ({how}) in {time.monotonic() - t0:.1f}s")
-    log(f"images ready in {time.monotonic() - started:.1f}s")
+    log(f"{lane.name} images ready in {time.monotonic() - started:.1f}s")
     return Images(
-        kernel=build / "vmlinuz",
+        kernel=build / lane.kernel_file,
         kernel_version=info["kernel_version"],
         kernel_package=info["kernel_package"],
         stage1_base=build / "stage1-base.cpio.gz",
@@ -928,10 +1020,14 @@ def _build_images(cache: Path, *, force: bool, project: bool) -> Images:
     )
 
 
-@functools.lru_cache(maxsize=1)
-def current_images() -> Images:
-    """The images for this process: built once, petitkexec layer fresh from the tree."""
-    return build_images()
+_CURRENT: dict[str, Images] = {}
+
+
+def current_images(lane: Lane = X86) -> Images:
+    """The lane's images for this process: built once, petitkexec layer fresh from the tree."""
+    if lane.name not in _CURRENT:
+        _CURRENT[lane.name] = build_images(lane=lane)
+    return _CURRENT[lane.name]
 
 
 def make_ext4_image(path: Path, files: dict[str, str | bytes], size_mb: int = 64) -> Path:

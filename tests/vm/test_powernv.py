@@ -5,17 +5,14 @@ log (/sys/firmware/opal/msglog) and the second kernel, not from petitkexec's rep
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
-import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import pytest
 
 from tests.vm import powernv
 from tests.vm.guest import GuestRun
-from tests.vm.image import Images
+from tests.vm.image import Images, Lane
 
 pytestmark = pytest.mark.vm
 
@@ -85,35 +82,13 @@ def exec_to_second_seconds(run: GuestRun) -> float:
 
 
 @pytest.fixture(scope="session")
-def powernv_images(record_timing: Record) -> Images:
-    missing = [
-        tool
-        for tool in HOST_TOOLS
-        if shutil.which(tool) is None
-        and not any(os.path.exists(f"{d}/{tool}") for d in ("/sbin", "/usr/sbin"))
-    ]
-    if missing:
-        message = f"PowerNV lane needs {', '.join(missing)}: see .ci/apt-packages"
-        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-            pytest.fail(message)
-        pytest.skip(message)
-    started = time.monotonic()
-    images = powernv.current_images()
-    record_timing(
-        "powernv image build (this session)",
-        f"{time.monotonic() - started:.1f}s (petitkexec layer: {images.project_install})",
-    )
-    return images
+def powernv_images(lane_images: Callable[[Lane, Sequence[str]], Images]) -> Images:
+    return lane_images(powernv.LANE, HOST_TOOLS)
 
 
 @pytest.fixture
-def boot_pnv(powernv_images: Images, request: pytest.FixtureRequest, record_timing: Record) -> Boot:
-    def _boot(scenario: str, **kwargs: object) -> GuestRun:
-        run = powernv.boot_powernv(scenario, images=powernv_images, **kwargs)  # type: ignore[arg-type]
-        record_timing(f"{request.node.name} wall", f"{run.wall_seconds:.1f}s (log {run.log_path})")
-        return run
-
-    return _boot
+def boot_pnv(powernv_images: Images, timed_boot: Callable[[Boot, Images], Boot]) -> Boot:
+    return timed_boot(powernv.boot_powernv, powernv_images)
 
 
 @pytest.fixture(scope="module")
