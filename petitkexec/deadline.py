@@ -74,10 +74,6 @@ def wait_first(children: Collection[Child]) -> tuple[Child, ChildResult]:
             return child, _collect(child)
 
 
-def run_with_deadline(call: Callable[[], None], timeout_s: float) -> ChildResult:
-    return wait_first([start_child(call, timeout_s)])[1]
-
-
 def _collect(child: Child) -> ChildResult:
     report = os.read(child.read_end, 4096).decode(errors="replace")
     os.close(child.read_end)
