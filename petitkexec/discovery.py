@@ -27,6 +27,7 @@ def function_from_udev(device: pyudev.Device) -> PciFunction:
     attributes = device.attributes
     config = read_config_header(sys_path)
     parent = device.find_parent("pci")
+    driver = device.driver
     return PciFunction(
         bdf=Bdf.parse(device.sys_name),
         vendor=_hex_attribute(attributes, "vendor"),
@@ -34,10 +35,10 @@ def function_from_udev(device: pyudev.Device) -> PciFunction:
         class_code=_hex_attribute(attributes, "class"),
         header_type=config[PCI_HEADER_TYPE] if len(config) > PCI_HEADER_TYPE else None,
         command=_le16(config, PCI_COMMAND),
-        driver=device.driver,
+        driver=driver,
         # drivers with suppress_bind_attrs have no `unbind` file: the one visible sign that
         # the kernel will not let userspace unbind them (driver_sysfs/bus_add_driver).
-        driver_can_unbind=device.driver is not None and (sys_path / "driver" / "unbind").exists(),
+        driver_can_unbind=driver is not None and (sys_path / "driver" / "unbind").exists(),
         driver_override=_driver_override(attributes),
         parent=Bdf.parse(parent.sys_name) if parent is not None else None,
         physfn=_link_target_bdf(sys_path / "physfn"),

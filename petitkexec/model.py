@@ -17,6 +17,13 @@ PCI_BRIDGE_CTL_BUS_RESET = 0x0040
 CONFIG_GONE = 0xFFFF  # what a vanished, link-down or EEH-frozen function reads back
 
 
+def bus_master_of(command: int | None) -> bool | None:
+    """Bus master from a PCI_COMMAND value; None when unread or reading 0xffff (gone)."""
+    if command is None or command == CONFIG_GONE:
+        return None
+    return bool(command & PCI_COMMAND_MASTER)
+
+
 @dataclass(frozen=True)
 class PciFunction:
     """One PCI function as sysfs showed it at discovery time."""
@@ -60,9 +67,7 @@ class PciFunction:
 
     @property
     def bus_master_on(self) -> bool | None:
-        if self.command is None or self.command == CONFIG_GONE:
-            return None
-        return bool(self.command & PCI_COMMAND_MASTER)
+        return bus_master_of(self.command)
 
     @property
     def vendor_device(self) -> str:

@@ -7,7 +7,7 @@ from enum import Enum
 
 from petitkexec.bdf import Bdf
 from petitkexec.journal import UndoResult
-from petitkexec.model import CONFIG_GONE, PCI_COMMAND_MASTER
+from petitkexec.model import bus_master_of
 from petitkexec.plan import Action, Step
 
 
@@ -33,9 +33,7 @@ class StepOutcome:
 
     @property
     def bus_master_after(self) -> bool | None:
-        if self.command_after is None or self.command_after == CONFIG_GONE:
-            return None
-        return bool(self.command_after & PCI_COMMAND_MASTER)
+        return bus_master_of(self.command_after)
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ from petitkexec.model import (
     PCI_BRIDGE_CTL_BUS_RESET,
     PCI_COMMAND_MASTER,
     Topology,
+    bus_master_of,
 )
 from petitkexec.outcome import Status, StepOutcome
 from petitkexec.plan import Step
@@ -318,12 +319,7 @@ class StepActions:
             return StepOutcome(
                 step, Status.FAILED, f"{how}; no answer from " + ", ".join(map(str, silent))
             )
-        masters = [
-            bdf
-            for bdf in below
-            if (self.kernel.read_command(bdf) or 0) & PCI_COMMAND_MASTER
-            and self.kernel.read_command(bdf) != CONFIG_GONE
-        ]
+        masters = [bdf for bdf in below if bus_master_of(self.kernel.read_command(bdf))]
         if masters:
             return StepOutcome(
                 step, Status.FAILED, f"{how}; bus master on again: " + ", ".join(map(str, masters))
