@@ -77,7 +77,9 @@ def _mount_needs(sysfs_root: Path, proc_root: Path) -> Iterator[tuple[Bdf, str]]
         mounts = read_mounts(proc_root)
     except OSError:
         return
-    virtio_tags = _virtio_mount_tags(sysfs_root)
+    # Only a 9p mount needs the virtio devices' tags; most systems have none.
+    has_9p = any(mount.fstype == "9p" for mount in mounts)
+    virtio_tags = _virtio_mount_tags(sysfs_root) if has_9p else {}
     network_mounts = [m for m in mounts if m.fstype in NETWORK_FILESYSTEMS]
     if network_mounts:
         first = network_mounts[0]
