@@ -18,7 +18,7 @@ from petitkexec.execute import ExecutionOptions, Teardown
 from petitkexec.model import SystemFacts
 from petitkexec.plan import build_plan
 from petitkexec.policy import Policy
-from tests.simkernel import SimFunction, SimKernel, bridge
+from tests.simkernel import SimFunction, SimKernel, root_port
 
 DEVICES = 16
 REMOVE_S = 0.1
@@ -28,7 +28,7 @@ def machine(root: Path) -> SimKernel:
     functions = []
     for index in range(DEVICES):
         port = f"0000:00:{2 + index // 8:02x}.{index % 8}"
-        functions.append(bridge(port))
+        functions.append(root_port(port))
         functions.append(
             SimFunction(
                 f"0000:{index + 1:02x}:00.0", parent=port, driver="nvme", remove_seconds=REMOVE_S

@@ -39,14 +39,14 @@ class Bdf:
         return cls(int(match["domain"] or "0", 16), bus, device, int(match["function"]))
 
     @classmethod
-    def find_all(cls, text: str) -> list[Bdf]:
-        """Every full PCI address in a sysfs path, outermost first (bridges, then the device)."""
-        found = []
-        for part in text.split("/"):
+    def innermost_in(cls, path: str) -> Bdf | None:
+        """The PCI function a sysfs path lies below: its last full address (the ones before
+        it are the bridges above)."""
+        for part in reversed(path.split("/")):
             match = _BDF.match(part)
             if match is not None and match["domain"] is not None:
-                found.append(cls.parse(part))
-        return found
+                return cls.parse(part)
+        return None
 
     @property
     def slot(self) -> tuple[int, int, int]:

@@ -1,49 +1,161 @@
-"""Turn udev's view of /sys/bus/pci into our own frozen records. The only module using pyudev."""
+"""Turn /sys/bus/pci into our own frozen records: through pyudev, or sysfs itself without libudev.
+
+The only module that imports pyudev. Both ways read the same attributes through the same
+helpers (petitkexec.attributes), so they build the same model; tests compare them.
+"""
 
 from __future__ import annotations
 
+import ctypes.util
+import os
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
-import pyudev
-
+from petitkexec.attributes import (
+    le16,
+    parse_count,
+    parse_driver_override,
+    parse_hex,
+    parse_words,
+)
 from petitkexec.bdf import Bdf
+from petitkexec.errors import PreflightRefused
+from petitkexec.log import get_logger
 from petitkexec.model import PCI_COMMAND, PCI_HEADER_TYPE, PciFunction, Topology
 
 # Non-root reads of `config` stop at 64 bytes (pci_read_config() in pci-sysfs.c); the standard
 # header up to there holds all we need: COMMAND and the header type.
 CONFIG_HEADER_BYTES = 64
+# pyudev finds libudev with ctypes.util.find_library(), which runs `/sbin/ldconfig -p`: images
+# without an ldconfig binary (buildroot, busybox initramfs, musl) then fail although the
+# library is there (pyudev #83, #532). The dynamic loader finds it by its soname on its own.
+LIBUDEV_SONAME = "libudev.so.1"
+
+AttributeReader = Callable[[str], "str | None"]
 
 
-def discover_topology(context: pyudev.Context | None = None) -> Topology:
-    """Every PCI function udev knows, with its parent bridge and VF→PF link."""
-    context = context or pyudev.Context()
-    return Topology.from_functions(
-        function_from_udev(device) for device in context.list_devices(subsystem="pci")
+def discover_topology(sysfs_root: Path) -> Topology:
+    """Every PCI function under `sysfs_root`, with its parent bridge and VF→PF link."""
+    if not (sysfs_root / "bus" / "pci").is_dir():
+        raise PreflightRefused(
+            f"{sysfs_root}/bus/pci is missing: sysfs is not mounted there, or this kernel "
+            "has no PCI",
+            hint=f"mount -t sysfs sysfs {sysfs_root}",
+        )
+    context = udev_context()
+    if context is None:
+        get_logger("petitkexec").warning(
+            "libudev not found; discovering from sysfs directly", sysfs=str(sysfs_root)
+        )
+        functions: Iterable[PciFunction | None] = map(
+            function_from_sysfs, _sysfs_functions(sysfs_root)
+        )
+    else:
+        functions = map(function_from_udev, context.list_devices(subsystem="pci"))
+    return Topology.from_functions(f for f in functions if f is not None)
+
+
+def udev_context() -> Any:
+    """A pyudev Context, or None when pyudev or libudev cannot be loaded."""
+    try:
+        import pyudev
+        from pyudev._ctypeslib import utils
+    except ImportError:
+        return None
+    utils.find_library = _library_by_soname_first
+    try:
+        return pyudev.Context()
+    except (ImportError, OSError):
+        return None
+
+
+def _library_by_soname_first(name: str) -> str | None:
+    if name == "udev":
+        try:
+            ctypes.CDLL(LIBUDEV_SONAME)
+        except OSError:
+            pass
+        else:
+            return LIBUDEV_SONAME
+    return ctypes.util.find_library(name)
+
+
+def function_from_udev(device: Any) -> PciFunction | None:
+    """None when the function vanished while it was being read."""
+    attributes = device.attributes
+
+    def read(name: str) -> str | None:
+        try:
+            return str(attributes.asstring(name))
+        except (KeyError, UnicodeDecodeError, OSError):
+            return None
+
+    parent = device.find_parent("pci")
+    return build_function(
+        Path(device.sys_path),
+        read,
+        driver=device.driver,
+        parent=Bdf.parse(parent.sys_name) if parent is not None else None,
     )
 
 
-def function_from_udev(device: pyudev.Device) -> PciFunction:
-    sys_path = Path(device.sys_path)
-    attributes = device.attributes
+def function_from_sysfs(sys_path: Path) -> PciFunction | None:
+    """The same record from the files; `sys_path` is the function's real directory."""
+
+    def read(name: str) -> str | None:
+        try:
+            return (sys_path / name).read_text()
+        except (OSError, UnicodeDecodeError):
+            return None
+
+    try:
+        driver: str | None = os.path.basename(os.readlink(sys_path / "driver"))
+    except OSError:
+        driver = None
+    # The parent bridge is the nearest directory above that is a PCI function, as udev's
+    # parent chain has it (/sys/devices/pci0000:00/0000:00:1c.0/0000:01:00.0).
+    parent = Bdf.innermost_in(str(sys_path.parent))
+    return build_function(sys_path, read, driver=driver, parent=parent)
+
+
+def _sysfs_functions(sysfs_root: Path) -> Iterator[Path]:
+    devices = sysfs_root / "bus" / "pci" / "devices"
+    for link in sorted(devices.iterdir()):
+        try:
+            yield link.resolve(strict=True)
+        except OSError:
+            continue  # removed since the listing
+
+
+def build_function(
+    sys_path: Path, read: AttributeReader, *, driver: str | None, parent: Bdf | None
+) -> PciFunction | None:
+    try:
+        bdf = Bdf.parse(sys_path.name)
+    except ValueError:
+        return None
+    vendor, device, class_code = (parse_hex(read(name)) for name in ("vendor", "device", "class"))
+    if vendor is None or device is None or class_code is None:
+        return None  # gone while we read it (or not a function we can make sense of)
     config = read_config_header(sys_path)
-    parent = device.find_parent("pci")
-    driver = device.driver
+    enable_count = parse_count(read("enable"))
     return PciFunction(
-        bdf=Bdf.parse(device.sys_name),
-        vendor=_hex_attribute(attributes, "vendor"),
-        device=_hex_attribute(attributes, "device"),
-        class_code=_hex_attribute(attributes, "class"),
+        bdf=bdf,
+        vendor=vendor,
+        device=device,
+        class_code=class_code,
         header_type=config[PCI_HEADER_TYPE] if len(config) > PCI_HEADER_TYPE else None,
-        command=_le16(config, PCI_COMMAND),
+        command=le16(config, PCI_COMMAND),
         driver=driver,
         # drivers with suppress_bind_attrs have no `unbind` file: the one visible sign that
         # the kernel will not let userspace unbind them (driver_sysfs/bus_add_driver).
         driver_can_unbind=driver is not None and (sys_path / "driver" / "unbind").exists(),
-        driver_override=_driver_override(attributes),
-        parent=Bdf.parse(parent.sys_name) if parent is not None else None,
+        driver_override=parse_driver_override(read("driver_override")),
+        parent=parent,
         physfn=_link_target_bdf(sys_path / "physfn"),
-        enabled=_optional_flag(attributes, "enable"),
-        reset_methods=tuple(_optional_string(attributes, "reset_method").split()),
+        enabled=None if enable_count is None else enable_count > 0,
+        reset_methods=parse_words(read("reset_method")),
         has_reset=(sys_path / "reset").exists(),
         has_reset_subordinate=(sys_path / "reset_subordinate").exists(),
     )
@@ -56,34 +168,6 @@ def read_config_header(sys_path: Path) -> bytes:
             return config.read(CONFIG_HEADER_BYTES)
     except OSError:
         return b""
-
-
-def _le16(data: bytes, offset: int) -> int | None:
-    # sysfs config bytes are little-endian whatever the CPU (pci_read_config()).
-    if len(data) < offset + 2:
-        return None
-    return int.from_bytes(data[offset : offset + 2], "little")
-
-
-def _hex_attribute(attributes: pyudev.Attributes, name: str) -> int:
-    return int(attributes.asstring(name), 16)
-
-
-def _optional_string(attributes: pyudev.Attributes, name: str) -> str:
-    try:
-        return str(attributes.asstring(name))
-    except (KeyError, UnicodeDecodeError):
-        return ""
-
-
-def _optional_flag(attributes: pyudev.Attributes, name: str) -> bool | None:
-    value = _optional_string(attributes, name).strip()
-    return None if value == "" else value != "0"
-
-
-def _driver_override(attributes: pyudev.Attributes) -> str | None:
-    value = _optional_string(attributes, "driver_override").strip()
-    return None if value in ("", "(null)") else value
 
 
 def _link_target_bdf(link: Path) -> Bdf | None:

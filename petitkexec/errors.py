@@ -6,6 +6,7 @@ import errno as errno_module
 import os
 from dataclasses import dataclass
 from enum import IntEnum
+from typing import Any
 
 
 class ExitCode(IntEnum):
@@ -17,6 +18,7 @@ class ExitCode(IntEnum):
     PREFLIGHT_REFUSED = 3  # nothing was touched
     HANDOFF_FAILED = 4  # teardown done, kexec did not take over; rolled back
     UNBIND_HUNG = 5  # a remove() never returned: handing off would hang the machine
+    INTERNAL = 70  # an error petitkexec did not expect (EX_SOFTWARE); rolled back if needed
     INTERRUPTED = 130  # SIGINT/SIGTERM during teardown; rolled back
 
 
@@ -32,7 +34,7 @@ class UsageError(PetitkexecError):
 
     exit_code = ExitCode.USAGE
 
-    def __init__(self, option: str, value: str, problem: str) -> None:
+    def __init__(self, option: str, value: object, problem: str) -> None:
         super().__init__(f"{option}: {value!r} {problem}")
         self.option = option
         self.value = value
@@ -56,6 +58,44 @@ class SnapshotError(PetitkexecError):
         self.path = path
 
 
+class RolledBack(PetitkexecError):
+    """An exception after the teardown began; the journal was rolled back before this."""
+
+    def __init__(self, cause: BaseException, rollback: tuple[Any, ...]) -> None:
+        failed = sum(1 for result in rollback if not result.ok)
+        super().__init__(
+            f"{describe_exception(cause)}; rolled back {len(rollback)} changes"
+            + (f" ({failed} failed)" if failed else "")
+        )
+        self.cause = cause
+        self.rollback = rollback  # petitkexec.journal.UndoResult, one per undone change
+        if isinstance(cause, PetitkexecError):
+            self.exit_code, self.hint = cause.exit_code, cause.hint
+        elif isinstance(cause, KeyboardInterrupt):
+            self.exit_code = ExitCode.INTERRUPTED
+        else:
+            self.exit_code = ExitCode.INTERNAL
+            self.hint = INTERNAL_HINT
+
+
+INTERNAL_HINT = "this is a bug in petitkexec: run with --debug for a traceback and report it"
+
+
+def describe_exception(error: BaseException) -> str:
+    """One line: our errors as they read, anything else with its type."""
+    if isinstance(error, PetitkexecError):
+        return str(error)
+    if isinstance(error, KeyboardInterrupt):
+        return "interrupted"
+    text = " ".join(str(error).split())
+    return f"unexpected {type(error).__name__}" + (f": {text}" if text else "")
+
+
+def errno_name(code: int) -> str:
+    """`EBUSY` for 16: the name a kernel developer searches for."""
+    return errno_module.errorcode.get(code, str(code))
+
+
 @dataclass(frozen=True)
 class KernelWriteFailed(Exception):
     """A sysfs write the kernel refused (or that did not finish in time)."""
@@ -65,6 +105,5 @@ class KernelWriteFailed(Exception):
     detail: str = ""
 
     def __str__(self) -> str:
-        name = errno_module.errorcode.get(self.errno, str(self.errno))
-        text = f"{self.path}: {name} ({os.strerror(self.errno)})"
+        text = f"{self.path}: {errno_name(self.errno)} ({os.strerror(self.errno)})"
         return f"{text}: {self.detail}" if self.detail else text

@@ -11,22 +11,16 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from types import FrameType
 
+from petitkexec.busmaster import BusMasterClearer
+from petitkexec.busreset import BusResetter
 from petitkexec.deadline import Child, wait_first
 from petitkexec.journal import Journal, UndoResult
 from petitkexec.kernel import Kernel
 from petitkexec.model import Topology
-from petitkexec.outcome import Status, StepOutcome, TeardownReport
+from petitkexec.outcome import Pending, Status, StepOutcome, TeardownReport
 from petitkexec.plan import Action, Plan, Step
-from petitkexec.steps import DEFAULT_JOBS, ExecutionOptions, Pending, StepActions
-
-__all__ = [
-    "DEFAULT_JOBS",
-    "ExecutionOptions",
-    "Status",
-    "StepOutcome",
-    "Teardown",
-    "TeardownReport",
-]
+from petitkexec.settings import ExecutionOptions
+from petitkexec.unbind import Unbinder
 
 OutcomeCallback = Callable[[int, int, StepOutcome], None]
 
@@ -42,7 +36,11 @@ class Teardown:
     interrupted_by: str | None = None
 
     def __post_init__(self) -> None:
-        self.actions = StepActions(self.kernel, self.topology, self.journal, self.options)
+        self.bus_master = BusMasterClearer(self.kernel, self.journal)
+        self.unbinder = Unbinder(
+            self.kernel, self.journal, self.bus_master, self.options.unbind_timeout_s
+        )
+        self.resetter = BusResetter(self.kernel, self.topology, self.options.raw_sbr)
 
     def run(self) -> TeardownReport:
         outcomes: list[StepOutcome] = []
@@ -57,11 +55,10 @@ class Teardown:
                         self.on_outcome(len(outcomes), len(self.plan.steps), outcome)
                 if any(outcome.status is Status.HUNG for outcome in outcomes):
                     break
-        hung = tuple(o.step.bdf for o in outcomes if o.status is Status.HUNG)
+        hung = tuple(o for o in outcomes if o.status is Status.HUNG)
         if hung:
-            stopped_because = (
-                f"unbind of {', '.join(map(str, hung))} did not return within "
-                f"{self.options.unbind_timeout_s:g} s"
+            stopped_because = "; ".join(
+                f"{o.step.action.value} of {o.step.bdf}: {o.detail}" for o in hung
             )
         elif self.interrupted_by is not None:
             stopped_because = f"interrupted by {self.interrupted_by}"
@@ -69,7 +66,11 @@ class Teardown:
         if stopped_because is not None:
             rollback = tuple(self.journal.rollback(self.kernel))
         return TeardownReport(
-            tuple(outcomes), stopped_because, hung, self.interrupted_by is not None, rollback
+            tuple(outcomes),
+            stopped_because,
+            tuple(o.step.bdf for o in hung),
+            self.interrupted_by is not None,
+            rollback,
         )
 
     def _run_wave(self, steps: list[Step]) -> list[StepOutcome]:
@@ -110,8 +111,8 @@ class Teardown:
 
     def _begin(self, step: Step) -> StepOutcome | Pending:
         if step.action is Action.UNBIND:
-            return self.actions.begin_unbind(step)
-        return self.actions.begin_reset(step)
+            return self.unbinder.begin(step)
+        return self.resetter.begin(step)
 
     @staticmethod
     def _with_elapsed(outcome: StepOutcome, began: float) -> StepOutcome:
@@ -152,7 +153,7 @@ class Teardown:
                 command_after=self.kernel.read_command(step.bdf),
             )
         if step.action is Action.CLEAR_BUS_MASTER:
-            return self.actions.clear_bus_master(step)
+            return self.bus_master.clear(step)
         return self._wait(self._begin(step))
 
     def _wait(self, started: StepOutcome | Pending) -> StepOutcome:

@@ -129,11 +129,10 @@ def _active_network_functions(sysfs_root: Path) -> Iterator[tuple[Bdf, str]]:
         try:
             if (interface / "operstate").read_text().strip() not in ("up", "unknown"):
                 continue
-            addresses = Bdf.find_all(str((interface / "device").resolve(strict=True)))
         except OSError:
             continue
-        if addresses:
-            yield addresses[-1], interface.name
+        if bdf := _function_behind(interface / "device"):
+            yield bdf, interface.name
 
 
 def _block_devices_of(mount: Mount) -> list[tuple[int, int]]:
@@ -177,10 +176,17 @@ def _functions_behind_block_device(sysfs_root: Path, device: tuple[int, int]) ->
         if lower:
             pending.extend(lower)
             continue
-        addresses = Bdf.find_all(str(node))
-        if addresses:
-            found.add(addresses[-1])
+        if bdf := Bdf.innermost_in(str(node)):
+            found.add(bdf)
     return found
+
+
+def _function_behind(link: Path) -> Bdf | None:
+    """The PCI function a sysfs link (a class device, a virtio device) leads to."""
+    try:
+        return Bdf.innermost_in(str(link.resolve(strict=True)))
+    except OSError:
+        return None
 
 
 def _entries(directory: Path) -> list[Path]:
@@ -195,11 +201,10 @@ def _virtio_mount_tags(sysfs_root: Path) -> dict[str, Bdf]:
     for virtio in _entries(sysfs_root / "bus" / "virtio" / "devices"):
         try:
             tag = (virtio / "mount_tag").read_bytes().rstrip(b"\0\n").decode()
-            addresses = Bdf.find_all(str(virtio.resolve(strict=True)))
         except (OSError, UnicodeDecodeError):
             continue
-        if addresses:
-            tags[tag] = addresses[-1]
+        if bdf := _function_behind(virtio):
+            tags[tag] = bdf
     return tags
 
 
@@ -231,12 +236,8 @@ def _console_needs(sysfs_root: Path) -> Iterator[tuple[Bdf, str]]:
         if name.startswith("tty") and name[3:].isdigit():
             candidates.append(sysfs_root / "class" / "graphics" / "fb0" / "device")
         for candidate in candidates:
-            try:
-                addresses = Bdf.find_all(str(candidate.resolve(strict=True)))
-            except OSError:
-                continue
-            if addresses:
-                yield addresses[-1], f"console {name}"
+            if bdf := _function_behind(candidate):
+                yield bdf, f"console {name}"
                 break
 
 

@@ -7,16 +7,15 @@ never comes back to us, and when kexec refuses we are still here to roll the tea
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
-import shutil
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
 # include/uapi/linux/reboot.h
 LINUX_REBOOT_CMD_KEXEC = 0x45584543
-KEXEC_SEARCH_PATH = "/usr/sbin:/sbin:/usr/bin:/bin:/usr/local/sbin"
+# Searched after PATH: where distributions and bootloader images put kexec.
+KEXEC_SEARCH_PATH = ("/usr/sbin", "/sbin", "/usr/bin", "/bin", "/usr/local/sbin")
 
 
 @dataclass(frozen=True)
@@ -52,20 +51,33 @@ class HandoffResult:
     output: str
 
 
-def find_kexec(explicit: str | None = None) -> str | None:
-    """kexec-tools or kexec-lite (petitboot ships the latter as `kexec`)."""
+def find_kexec(explicit: str | None = None, path: str | None = None) -> str | None:
+    """The absolute path of kexec-tools or kexec-lite (petitboot ships the latter as `kexec`).
+
+    Only absolute directories are searched: an empty or relative PATH entry (`env -i`, a
+    stray `:`) means the working directory, where anyone may have put a `kexec`, and a
+    relative answer would be resolved again, differently, when it is run.
+    """
     if explicit is not None:
-        return explicit if os.access(explicit, os.X_OK) else None
-    return shutil.which("kexec", path=os.environ.get("PATH", "") + ":" + KEXEC_SEARCH_PATH)
+        candidate = os.path.abspath(explicit)
+        return candidate if _executable_file(candidate) else None
+    directories = [*(path or os.environ.get("PATH", "")).split(":"), *KEXEC_SEARCH_PATH]
+    for directory in directories:
+        if os.path.isabs(directory):
+            candidate = os.path.join(directory, "kexec")
+            if _executable_file(candidate):
+                return candidate
+    return None
+
+
+def _executable_file(path: str) -> bool:
+    return os.path.isfile(path) and os.access(path, os.X_OK)
 
 
 def load(request: LoadRequest, kexec: str) -> HandoffResult | None:
     """Run `kexec -l ...`; None on success, else what kexec said."""
-    argv = request.command(kexec)
-    done = subprocess.run(argv, capture_output=True, text=True, check=False)
-    if done.returncode == 0:
-        return None
-    return HandoffResult(tuple(argv), done.returncode, (done.stderr or done.stdout).strip())
+    failure = _run(request.command(kexec))
+    return None if failure.returncode == 0 else failure
 
 
 def execute_loaded_kernel(kexec: str | None, extra_args: tuple[str, ...] = ()) -> HandoffResult:
@@ -73,13 +85,27 @@ def execute_loaded_kernel(kexec: str | None, extra_args: tuple[str, ...] = ()) -
     os.sync()
     if kexec is None:
         return _reboot_syscall()
-    argv = (kexec, "-e", *extra_args)
-    done = subprocess.run(argv, capture_output=True, text=True, check=False)
-    return HandoffResult(argv, done.returncode, (done.stderr or done.stdout).strip())
+    return _run([kexec, "-e", *extra_args])
+
+
+# What a shell answers for a command it cannot execute.
+CANNOT_EXECUTE = 126
+
+
+def _run(argv: list[str]) -> HandoffResult:
+    """The one way petitkexec runs a program: no shell, and a program that cannot be run is
+    an answer like any other, never an exception."""
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, check=False)
+    except OSError as error:
+        return HandoffResult(tuple(argv), CANNOT_EXECUTE, f"cannot run {argv[0]}: {error}")
+    return HandoffResult(tuple(argv), done.returncode, (done.stderr or done.stdout).strip())
 
 
 def _reboot_syscall() -> HandoffResult:
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    # The interpreter's own symbols include libc's reboot(); no library lookup, which would
+    # need ldconfig (ctypes.util.find_library), and the same on glibc and musl.
+    libc = ctypes.CDLL(None, use_errno=True)
     libc.reboot(ctypes.c_int(LINUX_REBOOT_CMD_KEXEC))
     code = ctypes.get_errno()
     return HandoffResult(("reboot(LINUX_REBOOT_CMD_KEXEC)",), code, os.strerror(code))

@@ -3,18 +3,25 @@
 from __future__ import annotations
 
 import errno
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
 
 from petitkexec.bdf import Bdf
-from petitkexec.errors import KernelWriteFailed
+from petitkexec.deadline import Child, wait_first
+from petitkexec.errors import KernelWriteFailed, errno_name
 from petitkexec.kernel import Kernel
+
+# A rebind runs probe(), which may wait on locks a hung remove() still holds, and restoring
+# SR-IOV probes every VF: each gets a deadline so that a rollback always ends.
+DEFAULT_UNDO_TIMEOUT_S = 10.0
 
 
 class UndoKind(Enum):
     REBIND = "rebind"  # restore driver_override, then bind the original driver again
     RESTORE_COMMAND = "restore-command"  # write PCI_COMMAND back as it was
-    REENABLE = "re-enable"  # `enable` ← 1, where bus master was cleared through `enable`
+    REENABLE = "re-enable"  # `enable` ← 1 as many times as the count was
+    RESTORE_SRIOV = "restore-sriov"  # `sriov_numvfs` ← the count unbinding the PF removed
 
 
 @dataclass(frozen=True)
@@ -24,13 +31,17 @@ class Undo:
     driver: str | None = None
     driver_override: str | None = None
     command: int | None = None
+    enable_count: int = 0
+    numvfs: int = 0
 
     def describe(self) -> str:
         if self.kind is UndoKind.REBIND:
             return f"rebind {self.bdf} to {self.driver}"
         if self.kind is UndoKind.RESTORE_COMMAND:
             return f"restore COMMAND {self.command:#06x} on {self.bdf}"
-        return f"enable {self.bdf} again"
+        if self.kind is UndoKind.RESTORE_SRIOV:
+            return f"restore {self.numvfs} VFs on {self.bdf}"
+        return f"enable {self.bdf} again (count {self.enable_count})"
 
 
 @dataclass(frozen=True)
@@ -43,6 +54,7 @@ class UndoResult:
 @dataclass
 class Journal:
     entries: list[Undo] = field(default_factory=list)
+    undo_timeout_s: float = DEFAULT_UNDO_TIMEOUT_S
 
     def record(self, undo: Undo) -> None:
         self.entries.append(undo)
@@ -53,7 +65,7 @@ class Journal:
         while self.entries:
             undo = self.entries.pop()
             try:
-                _apply(kernel, undo)
+                _apply(kernel, undo, self.undo_timeout_s)
             except KernelWriteFailed as error:
                 results.append(UndoResult(undo, False, str(error)))
             else:
@@ -61,16 +73,37 @@ class Journal:
         return results
 
 
-def _apply(kernel: Kernel, undo: Undo) -> None:
+def _apply(kernel: Kernel, undo: Undo, timeout_s: float) -> None:
     if not kernel.exists(undo.bdf):
         raise KernelWriteFailed(str(kernel.device_dir(undo.bdf)), errno.ENODEV, "device is gone")
     if undo.kind is UndoKind.REBIND:
         assert undo.driver is not None
+        driver = undo.driver
         kernel.set_driver_override(undo.bdf, undo.driver_override)
         if kernel.driver(undo.bdf) is None:
-            kernel.bind(undo.bdf, undo.driver)
+            _wait(kernel, f"bind {driver}", lambda: kernel.start_bind(undo.bdf, driver, timeout_s))
     elif undo.kind is UndoKind.RESTORE_COMMAND:
         assert undo.command is not None
         kernel.write_command(undo.bdf, undo.command)
+    elif undo.kind is UndoKind.RESTORE_SRIOV:
+        if kernel.read_sriov_numvfs(undo.bdf) != undo.numvfs:
+            _wait(
+                kernel,
+                "sriov_numvfs",
+                lambda: kernel.start_set_sriov_numvfs(undo.bdf, undo.numvfs, timeout_s),
+            )
     else:
-        kernel.write_enable(undo.bdf, True)
+        for _ in range(undo.enable_count):
+            kernel.write_enable(undo.bdf, True)
+
+
+def _wait(kernel: Kernel, what: str, start: Callable[[], Child]) -> None:
+    """Run one blocking write in a child and wait for it, up to its deadline."""
+    child = start()
+    _child, result = wait_first([child])
+    if not result.finished:
+        raise KernelWriteFailed(
+            what, errno.ETIMEDOUT, f"no answer within {child.timeout_s:g} s (child abandoned)"
+        )
+    if result.errno:
+        raise KernelWriteFailed(what, result.errno, result.detail or errno_name(result.errno))

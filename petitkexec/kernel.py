@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+from petitkexec.attributes import le16, parse_count, parse_driver_override
 from petitkexec.bdf import Bdf
 from petitkexec.deadline import Child, start_child
 from petitkexec.errors import KernelWriteFailed
@@ -50,6 +51,9 @@ class Kernel:
     def device_dir(self, bdf: Bdf) -> Path:
         return self.root / "bus" / "pci" / "devices" / str(bdf)
 
+    def _driver_dir(self, driver: str) -> Path:
+        return self.root / "bus" / "pci" / "drivers" / driver
+
     def exists(self, bdf: Bdf) -> bool:
         return self.device_dir(bdf).exists()
 
@@ -66,10 +70,9 @@ class Kernel:
         try:
             with (self.device_dir(bdf) / "config").open("rb") as config:
                 config.seek(offset)
-                data = config.read(2)
+                return le16(config.read(2), 0)
         except OSError:
             return None
-        return int.from_bytes(data, "little") if len(data) == 2 else None
 
     def read_command(self, bdf: Bdf) -> int | None:
         return self.read_config16(bdf, PCI_COMMAND)
@@ -81,8 +84,13 @@ class Kernel:
             return None
 
     def driver_override(self, bdf: Bdf) -> str | None:
-        value = self.read_attribute(bdf, "driver_override")
-        return None if value in (None, "", "(null)") else value
+        return parse_driver_override(self.read_attribute(bdf, "driver_override"))
+
+    def read_enable_count(self, bdf: Bdf) -> int | None:
+        return parse_count(self.read_attribute(bdf, "enable"))
+
+    def read_sriov_numvfs(self, bdf: Bdf) -> int | None:
+        return parse_count(self.read_attribute(bdf, "sriov_numvfs"))
 
     def has_attribute(self, bdf: Bdf, name: str) -> bool:
         return (self.device_dir(bdf) / name).exists()
@@ -124,13 +132,23 @@ class Kernel:
     # The calls below block in the kernel (remove(), link training after a reset) and run in
     # a child that may be abandoned at its deadline; see petitkexec.deadline.
 
+    def _start_write(self, path: Path, text: str, timeout_s: float) -> Child:
+        return start_child(lambda: self.writer.write(path, text.encode()), timeout_s)
+
     def start_unbind(self, bdf: Bdf, driver: str, timeout_s: float) -> Child:
-        path = self.root / "bus" / "pci" / "drivers" / driver / "unbind"
-        return start_child(lambda: self.writer.write(path, str(bdf).encode()), timeout_s)
+        return self._start_write(self._driver_dir(driver) / "unbind", str(bdf), timeout_s)
+
+    def start_bind(self, bdf: Bdf, driver: str, timeout_s: float) -> Child:
+        """probe() runs synchronously in the write, and may wait on the same locks a hung
+        remove() holds."""
+        return self._start_write(self._driver_dir(driver) / "bind", str(bdf), timeout_s)
+
+    def start_set_sriov_numvfs(self, bdf: Bdf, numvfs: int, timeout_s: float) -> Child:
+        """sriov_numvfs_store() creates the VFs and probes their drivers before it returns."""
+        return self._start_write(self.device_dir(bdf) / "sriov_numvfs", str(numvfs), timeout_s)
 
     def start_reset_subordinate(self, bridge: Bdf, timeout_s: float) -> Child:
-        path = self.device_dir(bridge) / "reset_subordinate"
-        return start_child(lambda: self.writer.write(path, b"1"), timeout_s)
+        return self._start_write(self.device_dir(bridge) / "reset_subordinate", "1", timeout_s)
 
     def start_function_bus_reset(self, bdf: Bdf, timeout_s: float) -> Child:
         """`reset` with reset_method `bus`: pci_parent_bus_reset() saves and restores the
@@ -148,11 +166,5 @@ class Kernel:
 
         return start_child(reset, timeout_s)
 
-    def bind(self, bdf: Bdf, driver: str) -> None:
-        self._write(self.root / "bus" / "pci" / "drivers" / driver / "bind", str(bdf))
-
     def write_enable(self, bdf: Bdf, enabled: bool) -> None:
         self._write(self.device_dir(bdf) / "enable", "1" if enabled else "0")
-
-    def write_attribute(self, bdf: Bdf, name: str, value: str) -> None:
-        self._write(self.device_dir(bdf) / name, value)

@@ -1,11 +1,14 @@
-"""What each step achieved, and the report of a whole teardown."""
+"""What each step achieved (or will, once its child answers), and the report of a teardown."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 
 from petitkexec.bdf import Bdf
+from petitkexec.deadline import Child, ChildResult
+from petitkexec.errors import ExitCode
 from petitkexec.journal import UndoResult
 from petitkexec.model import bus_master_of
 from petitkexec.plan import Action, Step
@@ -37,6 +40,16 @@ class StepOutcome:
 
 
 @dataclass(frozen=True)
+class Pending:
+    """A step whose blocking kernel call runs in `child`; `finish` reads its result."""
+
+    step: Step
+    child: Child
+    began: float
+    finish: Callable[[ChildResult], StepOutcome]
+
+
+@dataclass(frozen=True)
 class TeardownReport:
     outcomes: tuple[StepOutcome, ...]
     stopped_because: str | None = None  # a hung unbind or a signal ended the run early
@@ -47,6 +60,14 @@ class TeardownReport:
     @property
     def failed(self) -> tuple[StepOutcome, ...]:
         return tuple(o for o in self.outcomes if o.status in (Status.FAILED, Status.HUNG))
+
+    @property
+    def exit_code(self) -> ExitCode:
+        if self.hung:
+            return ExitCode.UNBIND_HUNG
+        if self.interrupted:
+            return ExitCode.INTERRUPTED
+        return ExitCode.TEARDOWN_PARTIAL if self.failed else ExitCode.OK
 
     @property
     def handoff_safe(self) -> bool:

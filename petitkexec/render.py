@@ -73,14 +73,6 @@ def plan_to_json(topology: Topology, plan: Plan) -> dict[str, Any]:
     }
 
 
-def facts_to_json(facts: SystemFacts) -> dict[str, Any]:
-    return {
-        "needed": {str(bdf): why for bdf, why in sorted(facts.needed.items())},
-        "lockdown": facts.lockdown,
-        "kexec_loaded": facts.kexec_loaded,
-    }
-
-
 def facts_line(facts: SystemFacts) -> str:
     loaded = {None: "unknown", True: "yes", False: "no"}[facts.kexec_loaded]
     return f"lockdown: {facts.lockdown or 'not exposed'}; kexec loaded: {loaded}"

@@ -79,12 +79,28 @@ def snapshot_to_json(topology: Topology, facts: SystemFacts) -> dict[str, Any]:
         "version": VERSION,
         "petitkexec": __version__,
         "functions": [function_to_json(function) for function in topology],
-        "facts": {
-            "needed": {str(bdf): reason for bdf, reason in sorted(facts.needed.items())},
-            "lockdown": facts.lockdown,
-            "kexec_loaded": facts.kexec_loaded,
-        },
+        "facts": facts_to_json(facts),
     }
+
+
+def facts_to_json(facts: SystemFacts) -> dict[str, Any]:
+    return {
+        "needed": {str(bdf): why for bdf, why in sorted(facts.needed.items())},
+        "lockdown": facts.lockdown,
+        "kexec_loaded": facts.kexec_loaded,
+    }
+
+
+def facts_from_json(data: dict[str, Any]) -> SystemFacts:
+    needed = _typed(data, "needed", dict)
+    for reason in needed.values():
+        if not isinstance(reason, str):
+            raise TypeError(f"needed holds {reason!r}, not str")
+    return SystemFacts(
+        needed={Bdf.parse(bdf): reason for bdf, reason in needed.items()},
+        lockdown=_typed(data, "lockdown", str, optional=True),
+        kexec_loaded=_typed(data, "kexec_loaded", bool, optional=True),
+    )
 
 
 def snapshot_from_json(data: Any, source: str = "<snapshot>") -> tuple[Topology, SystemFacts]:
@@ -96,12 +112,7 @@ def snapshot_from_json(data: Any, source: str = "<snapshot>") -> tuple[Topology,
         )
     try:
         topology = Topology.from_functions(function_from_json(f) for f in data["functions"])
-        facts_data = data["facts"]
-        facts = SystemFacts(
-            needed={Bdf.parse(bdf): reason for bdf, reason in facts_data["needed"].items()},
-            lockdown=facts_data["lockdown"],
-            kexec_loaded=facts_data["kexec_loaded"],
-        )
+        facts = facts_from_json(data["facts"])
     except (KeyError, TypeError, ValueError, AttributeError) as error:
         raise SnapshotError(source, f"is malformed ({type(error).__name__}: {error})") from error
     return topology, facts

@@ -1,9 +1,11 @@
-"""PciFunction builders for hand-built topologies in the plan and policy tests."""
+"""PciFunction and Policy builders for hand-built topologies in the plan and policy tests."""
 
 from __future__ import annotations
 
 from petitkexec.bdf import Bdf
 from petitkexec.model import PciFunction
+from petitkexec.policy import Policy
+from petitkexec.settings import resolve
 
 BME_ON = 0x0406  # memory space, bus master, INTx disabled
 BME_OFF = 0x0002
@@ -56,3 +58,8 @@ def bridge(
         class_code=0x060400,
         header_type=header_type,
     )
+
+
+def policy_of(*, config: dict[str, object] | None = None, **given: object) -> Policy:
+    """A Policy as the command line (`given`, by setting name) and a config file make it."""
+    return resolve(given, config).policy

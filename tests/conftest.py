@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.simkernel import SimFunction, SimKernel, bridge
+from tests.simkernel import SimFunction, SimKernel, root_port
 
 
 def q35_like() -> list[SimFunction]:
@@ -13,7 +13,7 @@ def q35_like() -> list[SimFunction]:
     return [
         SimFunction("0000:00:00.0", 0x8086, 0x29C0, 0x060000, command=0x0000),
         SimFunction("0000:00:01.0", 0x1234, 0x1111, 0x030000, command=0x0003),  # VGA, no driver
-        bridge("0000:00:02.0"),
+        root_port("0000:00:02.0"),
         SimFunction(
             "0000:01:00.0",
             0x1B36,
@@ -42,7 +42,7 @@ def q35_like() -> list[SimFunction]:
             physfn="0000:01:00.0",
             driver="nvme",
         ),
-        bridge("0000:00:02.1", reset_subordinate=True),
+        root_port("0000:00:02.1", reset_subordinate=True),
         SimFunction(
             "0000:02:00.0",
             0x8086,
@@ -52,7 +52,7 @@ def q35_like() -> list[SimFunction]:
             driver="e1000e",
             reset_methods=("flr", "pm", "bus"),
         ),
-        bridge("0000:00:02.2"),
+        root_port("0000:00:02.2"),
         SimFunction(
             "0000:03:00.0",
             0x1B36,
@@ -63,7 +63,7 @@ def q35_like() -> list[SimFunction]:
             remove_clears_master=True,
             reset_methods=("bus",),
         ),
-        bridge("0000:00:02.3", driver=None, command=0x0107, device=0x000E),  # pcie-pci-bridge
+        root_port("0000:00:02.3", driver=None, command=0x0107, device=0x000E),  # pcie-pci-bridge
         SimFunction(
             "0000:04:01.0", 0x8086, 0x100E, 0x020000, parent="0000:00:02.3", driver="e1000"
         ),

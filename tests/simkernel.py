@@ -8,7 +8,9 @@ code under test uses, and change the tree the way KERNEL-FACTS.md says the kerne
 - unbinding a PF removes its VFs;
 - `bind` honours driver_override (pci_match_device()), and probe sets bus master;
 - config writes land, or fail with EPERM under integrity lockdown;
-- `enable` ← 0 clears bus master when the count reaches 0; EBUSY with a driver, EIO if disabled.
+- `enable` shows the enable count; ← 0 drops it by one and clears bus master when it reaches
+  0; EBUSY with a driver, EIO at 0;
+- `sriov_numvfs` recreates the VFs a PF unbind removed, and their drivers probe.
 Faults: a remove() that hangs, a write that fails with an errno, config reading 0xffff, a
 function that vanishes. All state lives in files, because unbind runs in a forked child.
 """
@@ -50,7 +52,7 @@ class SimFunction:
     driver: str | None = None
     can_unbind: bool = True  # False: the driver sets suppress_bind_attrs
     command: int = 0x0006  # memory space + bus master
-    enabled: bool = True
+    enable_count: int = 1  # pci_enable_device() calls not yet balanced by a disable
     reset_methods: tuple[str, ...] = ()
     reset_subordinate: bool = False
     # behaviour of the driver's remove()
@@ -64,7 +66,7 @@ class SimFunction:
         return Bdf.parse(self.bdf)
 
 
-def bridge(bdf: str, parent: str | None = None, **kwargs: object) -> SimFunction:
+def root_port(bdf: str, parent: str | None = None, **kwargs: object) -> SimFunction:
     """A root port bound to pcieport, as q35 shows it (COMMAND 0x0507)."""
     defaults: dict[str, object] = dict(
         vendor=0x1B36,
@@ -135,10 +137,10 @@ class SimKernel:
             ("device", f"0x{function.device:04x}"),
             ("class", f"0x{function.class_code:06x}"),
             ("driver_override", "(null)"),
-            ("enable", "1" if function.enabled else "0"),
         ):
             (directory / name).write_text(value + "\n")
-        self._set_enable_count(function.bdf, 1 if function.enabled else 0)
+        if self.vfs_of(function.bdf):
+            (directory / "sriov_numvfs").write_text(f"{len(self.vfs_of(function.bdf))}\n")
         if function.reset_methods:
             (directory / "reset_method").write_text(" ".join(function.reset_methods) + "\n")
             (directory / "reset").write_text("")
@@ -149,11 +151,12 @@ class SimKernel:
         if function.physfn is not None:
             self._link(directory / "physfn", self._physical_dir(self.by_bdf[function.physfn]))
             pf_dir = self._physical_dir(self.by_bdf[function.physfn])
-            index = len(list(pf_dir.glob("virtfn*")))
+            index = [vf.bdf for vf in self.vfs_of(function.physfn)].index(function.bdf)
             self._link(pf_dir / f"virtfn{index}", directory)
         devices = self.root / "bus" / "pci" / "devices"
         devices.mkdir(parents=True, exist_ok=True)
         self._link(devices / function.bdf, directory)
+        self._set_enable_count(function.bdf, function.enable_count)
         self._write_uevent(function, function.driver)
         if function.driver is not None:
             self._attach(function.bdf, function.driver, can_unbind=function.can_unbind)
@@ -209,7 +212,7 @@ class SimKernel:
                 driver_override=None,
                 parent=_optional(f.parent),
                 physfn=_optional(f.physfn),
-                enabled=self.attribute(f.bdf, "enable") == "1",
+                enabled=self._enable_count(f.bdf) > 0,
                 reset_methods=f.reset_methods,
                 has_reset=bool(f.reset_methods),
                 has_reset_subordinate=f.reset_subordinate,
@@ -238,6 +241,9 @@ class SimKernel:
 
     def exists(self, bdf: str) -> bool:
         return self.device_dir(bdf).exists()
+
+    def vfs_of(self, bdf: str) -> list[SimFunction]:
+        return [f for f in self.functions if f.physfn == bdf]
 
     # -- faults ------------------------------------------------------------------------------
 
@@ -312,8 +318,11 @@ class SimKernel:
         began = time.monotonic()
         time.sleep(function.remove_seconds)
         self._log_event(bdf, f"removed {began} {time.monotonic()}")
-        for vf in [f.bdf for f in self.functions if f.physfn == bdf and self.exists(f.bdf)]:
-            self.vanish(vf)  # the PF's remove() disables SR-IOV
+        for vf in self.vfs_of(bdf):
+            if self.exists(vf.bdf):
+                self.vanish(vf.bdf)  # the PF's remove() disables SR-IOV (pci_disable_sriov)
+        if self.vfs_of(bdf):
+            (self._physical_dir(function) / "sriov_numvfs").write_text("0\n")
         directory = self._physical_dir(function)
         (directory / "driver").unlink()
         (self.root / "bus" / "pci" / "drivers" / driver / bdf).unlink()
@@ -356,6 +365,22 @@ class SimKernel:
             self._set_enable_count(bdf, count - 1)
             if count == 1:
                 self._disable(bdf)
+
+    def _write_sriov_numvfs(self, bdf: str, text: str, _data: bytes, _offset: int | None) -> None:
+        """sriov_numvfs_store(): needs a bound PF driver with sriov_configure; creating VFs
+        probes their drivers before the write returns (sriov_drivers_autoprobe)."""
+        if self.driver_of(bdf) is None:
+            raise OSError(errno.ENOENT, "No such file or directory")
+        wanted, vfs = int(text), self.vfs_of(bdf)
+        if wanted > len(vfs):
+            raise OSError(errno.ERANGE, "Numerical result out of range")
+        current = int(self.attribute(bdf, "sriov_numvfs"))
+        if current and wanted and current != wanted:
+            raise OSError(errno.EBUSY, "Device or resource busy")  # disable first
+        for vf in vfs[:wanted]:
+            if not self.exists(vf.bdf):
+                self._build(vf)
+        (self.device_dir(bdf) / "sriov_numvfs").write_text(f"{wanted}\n")
 
     def _write_reset_method(self, bdf: str, text: str, _data: bytes, _offset: int | None) -> None:
         methods = self.by_bdf[bdf].reset_methods if text == "default" else tuple(text.split())
@@ -410,7 +435,8 @@ class SimKernel:
     def _set_enable_count(self, bdf: str, count: int) -> None:
         (self.state / f"enable-{bdf}").write_text(str(count))
         if self.device_dir(bdf).exists():
-            (self.device_dir(bdf) / "enable").write_text("1\n" if count else "0\n")
+            # enable_show() prints atomic_read(&enable_cnt): a count, not a flag.
+            (self.device_dir(bdf) / "enable").write_text(f"{count}\n")
 
 
 def _optional(text: str | None) -> Bdf | None:

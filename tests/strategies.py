@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from petitkexec.bdf import Bdf
 from petitkexec.model import CONFIG_GONE, PciFunction, SystemFacts, Topology
 from petitkexec.policy import Policy
+from tests.builders import policy_of
 
 # (vendor, device, class, the drivers seen bound to it)
 DeviceKind = tuple[int, int, int, tuple[str, ...]]
@@ -223,7 +224,7 @@ def scenarios(draw: st.DrawFn, max_functions: int = 24, hot_reset: bool | None =
     functions = list(topology)
     picks = st.integers(0, len(functions) - 1)
     needed = {functions[draw(picks)].bdf: draw(_reasons) for _ in range(draw(st.integers(0, 2)))}
-    policy = Policy.from_options(
+    policy = policy_of(
         exclude=_specs(draw, functions, 1),
         only=_specs(draw, functions, 2) if draw(_one_in_five) == 0 else [],
         unprotect=_specs(draw, functions, 1),

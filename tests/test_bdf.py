@@ -107,42 +107,37 @@ def test_functions_of_one_device_share_a_slot() -> None:
     assert Bdf.parse("0000:00:1f.0").slot != Bdf.parse("0000:00:1e.0").slot
 
 
-def test_find_all_lists_the_addresses_of_a_sysfs_path_outermost_first() -> None:
+def test_innermost_in_gives_the_function_a_sysfs_path_lies_below() -> None:
     path = "/sys/devices/pci0000:00/0000:00:1c.0/0000:01:00.0/nvme/nvme0/nvme0n1"
-    assert Bdf.find_all(path) == [Bdf.parse("0000:00:1c.0"), Bdf.parse("0000:01:00.0")]
+    assert Bdf.innermost_in(path) == Bdf.parse("0000:01:00.0")
 
 
-def test_find_all_follows_a_switch_down_to_the_endpoint() -> None:
+def test_innermost_in_follows_a_switch_down_to_the_endpoint() -> None:
     path = (
         "/sys/devices/pci0000:00/0000:00:01.0/0000:01:00.0/0000:02:03.0/0000:03:00.1"
         "/host0/target0:0:0/0:0:0:0/block/sda/sda1"
     )
-    assert [str(bdf) for bdf in Bdf.find_all(path)] == [
-        "0000:00:01.0",
-        "0000:01:00.0",
-        "0000:02:03.0",
-        "0000:03:00.1",
-    ]
+    assert str(Bdf.innermost_in(path)) == "0000:03:00.1"
 
 
-def test_find_all_does_not_take_the_host_bridge_name_or_scsi_usb_and_serial_names() -> None:
-    assert Bdf.find_all("/sys/devices/pci0000:00") == []
-    assert Bdf.find_all("/sys/devices/pci0000:00/0000:00:14.0/usb1/1-1/1-1:1.0") == [
-        Bdf.parse("0000:00:14.0")
-    ]
-    assert Bdf.find_all("/sys/devices/pci0000:00/0000:00:16.3/0000:00:16.3:0/0000:00:16.3:0.0") == [
-        Bdf.parse("0000:00:16.3")
-    ]
+def test_innermost_in_does_not_take_the_host_bridge_name_or_scsi_usb_and_serial_names() -> None:
+    assert Bdf.innermost_in("/sys/devices/pci0000:00") is None
+    assert Bdf.innermost_in("/sys/devices/pci0000:00/0000:00:14.0/usb1/1-1/1-1:1.0") == Bdf.parse(
+        "0000:00:14.0"
+    )
+    assert Bdf.innermost_in(
+        "/sys/devices/pci0000:00/0000:00:16.3/0000:00:16.3:0/0000:00:16.3:0.0"
+    ) == Bdf.parse("0000:00:16.3")
 
 
-def test_find_all_on_a_virtual_device_finds_nothing() -> None:
-    assert Bdf.find_all("/sys/devices/virtual/block/dm-0") == []
+def test_innermost_in_a_virtual_device_finds_nothing() -> None:
+    assert Bdf.innermost_in("/sys/devices/virtual/block/dm-0") is None
 
 
-def test_find_all_needs_the_domain_that_sysfs_always_writes() -> None:
-    assert Bdf.find_all("/sys/bus/pci/devices/00:1f.2") == []
+def test_innermost_in_needs_the_domain_that_sysfs_always_writes() -> None:
+    assert Bdf.innermost_in("/sys/bus/pci/devices/00:1f.2") is None
 
 
-def test_find_all_reads_wide_domains() -> None:
+def test_innermost_in_reads_wide_domains() -> None:
     path = "/sys/devices/pci10000:e0/10000:e0:06.0/10000:e1:00.0/nvme/nvme1"
-    assert [str(bdf) for bdf in Bdf.find_all(path)] == ["10000:e0:06.0", "10000:e1:00.0"]
+    assert str(Bdf.innermost_in(path)) == "10000:e1:00.0"

@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner, Result
 
-from petitkexec.cli import Environment, cli
+from petitkexec.cli import cli
 from petitkexec.errors import ExitCode
+from petitkexec.run import Environment
 from tests.conftest import SimFactory
 from tests.simkernel import SimKernel
 
@@ -189,7 +190,8 @@ def test_exec_strict_does_not_hand_off_after_a_failed_step(
 def test_help_documents_the_exit_codes() -> None:
     result = CliRunner().invoke(cli, ["exec", "--help"])
     assert "3    preflight refused: nothing was touched" in result.stdout
-    assert "5    an unbind hung" in result.stdout
+    assert "5    a step hung (an unbind or a reset): no handoff" in result.stdout
+    assert "70   an unexpected error" in result.stdout
 
 
 def scripted_kexec(tmp_path: Path, load_rc: int, exec_rc: int) -> Path:
@@ -256,7 +258,7 @@ def test_exec_without_a_kexec_binary_refuses_unless_syscall(
 ) -> None:
     import petitkexec.cli
 
-    monkeypatch.setattr(petitkexec.cli, "find_kexec", lambda _explicit: None)
+    monkeypatch.setattr(petitkexec.cli, "find_kexec", lambda _explicit, _path=None: None)
     sim = make_sim()
     result = invoke(environment(sim, tmp_path), "exec")
     assert result.exit_code == ExitCode.PREFLIGHT_REFUSED

@@ -12,7 +12,7 @@ from petitkexec.model import SystemFacts
 from petitkexec.plan import Action, build_plan
 from petitkexec.policy import Policy
 from tests.conftest import SimFactory
-from tests.simkernel import SimFunction, SimKernel, bridge
+from tests.simkernel import SimFunction, SimKernel, root_port
 
 
 def run(
@@ -149,7 +149,7 @@ def test_disabled_driverless_function_is_enabled_then_disabled_under_lockdown(
     make_sim: SimFactory,
 ) -> None:
     sim = make_sim(
-        [SimFunction("0000:00:05.0", enabled=False, command=0x0004)], lockdown="integrity"
+        [SimFunction("0000:00:05.0", enable_count=0, command=0x0004)], lockdown="integrity"
     )
     _, report = run(sim)
     assert outcome(report, "0000:00:05.0").status is Status.DONE
@@ -161,7 +161,7 @@ HUNG_WAVE = [
     SimFunction("0000:00:03.0", driver="e1000e"),
     SimFunction("0000:00:04.0", driver="virtio-pci", remove_hangs=True),
     SimFunction("0000:00:05.0", driver="ahci"),
-    bridge("0000:00:1c.0"),
+    root_port("0000:00:1c.0"),
 ]
 
 
@@ -260,18 +260,17 @@ def test_function_that_vanishes_before_its_step_is_reported_gone(make_sim: SimFa
     assert not report.failed
 
 
-def test_rollback_rebinds_drivers_and_restores_command(make_sim: SimFactory) -> None:
+def test_rollback_rebinds_drivers_restores_command_and_brings_the_vfs_back(
+    make_sim: SimFactory,
+) -> None:
     sim = make_sim()
-    before = {
-        bdf: (sim.driver_of(bdf), sim.command_of(bdf))
-        for bdf in unprotected(sim)
-        if sim.by_bdf[bdf].physfn is None
-    }
+    before = {bdf: (sim.driver_of(bdf), sim.command_of(bdf)) for bdf in unprotected(sim)}
     teardown, _report = run(sim)
+    assert not sim.exists("0000:01:00.1")  # unbinding the PF removed its VFs
     results = teardown.journal.rollback(sim.kernel)
-    vf_results = [r for r in results if str(r.undo.bdf) in ("0000:01:00.1", "0000:01:00.2")]
-    assert vf_results and not any(r.ok for r in vf_results)  # removed with their PF's SR-IOV
-    assert all(r.ok for r in results if r not in vf_results)
+    assert all(r.ok for r in results), [r for r in results if not r.ok]
+    assert "restore 2 VFs on 0000:01:00.0" in [r.undo.describe() for r in results]
+    assert sim.attribute("0000:01:00.0", "sriov_numvfs") == "2"
     for bdf, (driver, command) in before.items():
         assert sim.driver_of(bdf) == driver, bdf
         assert sim.command_of(bdf) & 0x4 == command & 0x4, bdf
@@ -308,7 +307,7 @@ def test_hot_reset_without_a_kernel_method_fails_unless_raw_sbr_allowed(
     make_sim: SimFactory,
 ) -> None:
     functions = [
-        bridge("0000:00:02.0"),
+        root_port("0000:00:02.0"),
         SimFunction("0000:01:00.0", parent="0000:00:02.0", driver="e1000e", multifunction=True),
         SimFunction("0000:01:00.1", parent="0000:00:02.0", driver="e1000e"),
     ]
@@ -321,7 +320,7 @@ def test_hot_reset_without_a_kernel_method_fails_unless_raw_sbr_allowed(
 
 def test_raw_sbr_toggles_bridge_control_when_allowed(make_sim: SimFactory) -> None:
     functions = [
-        bridge("0000:00:02.0"),
+        root_port("0000:00:02.0"),
         SimFunction("0000:01:00.0", parent="0000:00:02.0", driver="e1000e"),
     ]
     sim = make_sim(functions)
@@ -333,7 +332,7 @@ def test_raw_sbr_toggles_bridge_control_when_allowed(make_sim: SimFactory) -> No
 
 def test_raw_sbr_is_refused_on_powernv(make_sim: SimFactory) -> None:
     functions = [
-        bridge("0000:00:02.0", driver=None),
+        root_port("0000:00:02.0", driver=None),
         SimFunction("0000:01:00.0", parent="0000:00:02.0", driver="e1000e"),
     ]
     sim = make_sim(functions)
@@ -361,9 +360,9 @@ def test_a_refused_reset_subordinate_is_reported_with_the_kernels_errno_and_not_
 def test_resets_of_independent_bridges_run_side_by_side(make_sim: SimFactory) -> None:
     sim = make_sim(
         [
-            bridge("0000:00:02.0", reset_subordinate=True, reset_seconds=0.2),
+            root_port("0000:00:02.0", reset_subordinate=True, reset_seconds=0.2),
             SimFunction("0000:01:00.0", parent="0000:00:02.0", driver="nvme"),
-            bridge("0000:00:03.0", reset_subordinate=True, reset_seconds=0.2),
+            root_port("0000:00:03.0", reset_subordinate=True, reset_seconds=0.2),
             SimFunction("0000:02:00.0", parent="0000:00:03.0", driver="e1000e"),
         ]
     )

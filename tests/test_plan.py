@@ -8,7 +8,7 @@ from petitkexec.bdf import Bdf
 from petitkexec.model import CONFIG_GONE, PciFunction, SystemFacts, Topology
 from petitkexec.plan import Action, Plan, Step, build_plan
 from petitkexec.policy import Policy
-from tests.builders import BME_OFF, bridge, endpoint
+from tests.builders import BME_OFF, bridge, endpoint, policy_of
 
 
 def machine() -> list[PciFunction]:
@@ -154,7 +154,7 @@ def test_protecting_a_pf_leaves_its_vfs_to_be_torn_down() -> None:
 
 def test_unprotect_lifts_protection_from_the_function_and_the_bridges_above() -> None:
     plan = plan_for(
-        policy=Policy.from_options(unprotect=["nvme"]),
+        policy=policy_of(unprotect=["nvme"]),
         needed={"0000:01:00.0": "backs / mounted rw"},
     )
     assert decision(plan, "0000:01:00.0") == (
@@ -165,7 +165,7 @@ def test_unprotect_lifts_protection_from_the_function_and_the_bridges_above() ->
 
 def test_unprotect_of_another_function_leaves_protection_in_place() -> None:
     plan = plan_for(
-        policy=Policy.from_options(unprotect=["ahci"]),
+        policy=policy_of(unprotect=["ahci"]),
         needed={"0000:01:00.0": "backs / mounted rw"},
     )
     assert decision(plan, "0000:01:00.0") == "protect (backs / mounted rw)"
@@ -173,7 +173,7 @@ def test_unprotect_of_another_function_leaves_protection_in_place() -> None:
 
 def test_protection_outranks_keeping_for_a_function_both_needed_and_excluded() -> None:
     plan = plan_for(
-        policy=Policy.from_options(exclude=["nvme"]),
+        policy=policy_of(exclude=["nvme"]),
         needed={"0000:01:00.0": "backs / mounted rw"},
     )
     assert decision(plan, "0000:01:00.0") == "protect (backs / mounted rw)"
@@ -184,14 +184,14 @@ def test_protection_outranks_keeping_for_a_function_both_needed_and_excluded() -
 
 
 def test_exclude_keeps_what_it_matches_with_the_spec_as_reason() -> None:
-    plan = plan_for(policy=Policy.from_options(exclude=["0000:00:1f.*"]))
+    plan = plan_for(policy=policy_of(exclude=["0000:00:1f.*"]))
     for bdf in ("0000:00:1f.0", "0000:00:1f.2", "0000:00:1f.3"):
         assert decision(plan, bdf) == "keep (excluded by --exclude 0000:00:1f.*)"
     assert decision(plan, "0000:00:03.0") == "unbind (virtio-pci, has unbind)"
 
 
 def test_keeping_propagates_to_the_bridges_above() -> None:
-    plan = plan_for(policy=Policy.from_options(exclude=["e1000e"]))
+    plan = plan_for(policy=policy_of(exclude=["e1000e"]))
     assert decision(plan, "0000:04:00.0") == "keep (excluded by --exclude e1000e)"
     assert decision(plan, "0000:03:01.0") == "keep (above kept 0000:04:00.0)"
     assert decision(plan, "0000:02:00.0") == "keep (above kept 0000:03:01.0)"
@@ -200,13 +200,13 @@ def test_keeping_propagates_to_the_bridges_above() -> None:
 
 
 def test_keeping_a_vf_keeps_its_pf() -> None:
-    plan = plan_for(policy=Policy.from_options(exclude=["0000:05:00.2"]))
+    plan = plan_for(policy=policy_of(exclude=["0000:05:00.2"]))
     assert decision(plan, "0000:05:00.0") == "keep (PF of kept 0000:05:00.2)"
     assert decision(plan, "0000:05:00.1") == "unbind (mlx5_core, has unbind)"
 
 
 def test_only_tears_down_the_selection_and_keeps_the_rest() -> None:
-    plan = plan_for(policy=Policy.from_options(only=["virtio-pci"]))
+    plan = plan_for(policy=policy_of(only=["virtio-pci"]))
     assert decision(plan, "0000:00:03.0") == "unbind (virtio-pci, has unbind)"
     assert decision(plan, "0000:00:1f.2") == "keep (not selected by --only)"
     assert [str(step.bdf) for step in plan.mutating_steps] == ["0000:00:03.0"]
@@ -214,7 +214,7 @@ def test_only_tears_down_the_selection_and_keeps_the_rest() -> None:
 
 def test_only_selecting_a_protected_function_is_a_conflict() -> None:
     plan = plan_for(
-        policy=Policy.from_options(only=["nvme"]),
+        policy=policy_of(only=["nvme"]),
         needed={"0000:01:00.0": "backs / mounted rw"},
     )
     assert decision(plan, "0000:01:00.0") == "protect (backs / mounted rw)"
@@ -226,7 +226,7 @@ def test_only_selecting_a_protected_function_is_a_conflict() -> None:
 
 def test_only_selecting_unprotected_functions_has_no_conflict() -> None:
     plan = plan_for(
-        policy=Policy.from_options(only=["ahci"]),
+        policy=policy_of(only=["ahci"]),
         needed={"0000:01:00.0": "backs / mounted rw"},
     )
     assert plan.conflicts == ()
@@ -238,7 +238,7 @@ def test_protection_without_only_is_no_conflict() -> None:
 
 def test_unprotect_resolves_the_only_conflict() -> None:
     plan = plan_for(
-        policy=Policy.from_options(only=["nvme"], unprotect=["0000:01:00.0"]),
+        policy=policy_of(only=["nvme"], unprotect=["0000:01:00.0"]),
         needed={"0000:01:00.0": "backs / mounted rw"},
     )
     assert plan.conflicts == ()
@@ -350,7 +350,7 @@ def test_a_bridge_above_a_protected_function_is_not_reset_but_a_sibling_subtree_
 
 
 def test_a_bridge_above_a_kept_function_is_not_reset() -> None:
-    plan = plan_for(switch_machine(), Policy.from_options(exclude=["e1000e"], hot_reset=True))
+    plan = plan_for(switch_machine(), policy_of(exclude=["e1000e"], hot_reset=True))
     assert resets(plan) == ["0000:00:1c.1", "0000:02:01.0"]
 
 
@@ -387,23 +387,23 @@ def test_a_bridge_above_an_unbound_function_with_bus_master_on_is_reset() -> Non
 
 
 def test_a_kept_bridge_is_not_reset_though_its_subtree_is_torn_down() -> None:
-    plan = plan_for(switch_machine(), Policy.from_options(exclude=["0000:00:1c.1"], hot_reset=True))
+    plan = plan_for(switch_machine(), policy_of(exclude=["0000:00:1c.1"], hot_reset=True))
     assert "0000:00:1c.1" not in resets(plan)
     assert "0000:00:1c.0" in resets(plan)
 
 
 def test_nested_bridges_are_reset_when_the_top_one_cannot_be() -> None:
     functions = [*switch_machine(), endpoint("0000:01:00.1", "ahci", parent="0000:00:1c.0")]
-    plan = plan_for(functions, Policy.from_options(exclude=["ahci"], hot_reset=True))
+    plan = plan_for(functions, policy_of(exclude=["ahci"], hot_reset=True))
     assert resets(plan) == ["0000:00:1c.1", "0000:01:00.0"]
 
 
 def test_an_only_spec_that_matches_nothing_is_a_conflict_with_a_hint_for_domains() -> None:
     # On PowerNV every PHB is a domain; "0000:*" reads as vendor 0000, any device.
     functions = [endpoint("0001:01:00.0", "nvme"), endpoint("0000:01:00.0", "e1000e")]
-    plan = plan_for(functions, Policy.from_options(only=["0000:*"]))
+    plan = plan_for(functions, policy_of(only=["0000:*"]))
     assert plan.conflicts == (
         "--only 0000:* matches no PCI function (read as vendor:device; for PCI domain 0000 "
         "write 0000:*:*.*)",
     )
-    assert plan_for(functions, Policy.from_options(only=["0000:*:*.*"])).conflicts == ()
+    assert plan_for(functions, policy_of(only=["0000:*:*.*"])).conflicts == ()

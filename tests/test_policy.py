@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
-from petitkexec import policy as policy_module
 from petitkexec.errors import ExitCode, UsageError
 from petitkexec.model import PciFunction
-from petitkexec.policy import DeviceSpec, Policy, load_config
-from tests.builders import endpoint
+from petitkexec.policy import DeviceSpec
+from tests.builders import endpoint, policy_of
 
 
 def function(
@@ -148,13 +145,13 @@ def test_a_bad_spec_is_a_usage_error_naming_the_option_and_value(text: str) -> N
 
 def test_the_zz_zz_message_reads_as_documented() -> None:
     with pytest.raises(UsageError, match=r"^--exclude: 'zz:zz' is not a device spec; expected "):
-        Policy.from_options(exclude=["zz:zz"])
+        policy_of(exclude=["zz:zz"])
 
 
 @pytest.mark.parametrize("option", ["exclude", "only", "unprotect"])
 def test_each_policy_option_names_itself_in_its_error(option: str) -> None:
     with pytest.raises(UsageError) as raised:
-        Policy.from_options(**{option: ["zz:zz"]})  # type: ignore[arg-type]
+        policy_of(**{option: ["zz:zz"]})  # type: ignore[arg-type]
     assert str(raised.value).startswith(f"--{option}: 'zz:zz' ")
 
 
@@ -162,156 +159,31 @@ def test_each_policy_option_names_itself_in_its_error(option: str) -> None:
 
 
 def test_exclude_gives_the_spec_as_written_as_the_reason() -> None:
-    policy = Policy.from_options(exclude=["0000:00:1f.*"])
+    policy = policy_of(exclude=["0000:00:1f.*"])
     assert policy.excluded_by(AHCI) == "excluded by --exclude 0000:00:1f.*"
     assert policy.excluded_by(NVME) is None
 
 
 def test_only_keeps_everything_it_does_not_select() -> None:
-    policy = Policy.from_options(only=["nvme", "class:0c03"])
+    policy = policy_of(only=["nvme", "class:0c03"])
     assert policy.excluded_by(NVME) is None
     assert policy.excluded_by(XHCI) is None
     assert policy.excluded_by(AHCI) == "not selected by --only"
 
 
 def test_exclude_wins_over_only() -> None:
-    policy = Policy.from_options(exclude=["nvme"], only=["nvme"])
+    policy = policy_of(exclude=["nvme"], only=["nvme"])
     assert policy.excluded_by(NVME) == "excluded by --exclude nvme"
 
 
 def test_without_specs_everything_may_be_touched() -> None:
-    policy = Policy.from_options()
+    policy = policy_of()
     assert all(policy.excluded_by(f) is None for f in ALL)
     assert not any(policy.unprotected(f) for f in ALL)
     assert policy.hot_reset is False
 
 
 def test_unprotect_matches_by_spec() -> None:
-    policy = Policy.from_options(unprotect=["0000:01:00.0"])
+    policy = policy_of(unprotect=["0000:01:00.0"])
     assert policy.unprotected(NVME)
     assert not policy.unprotected(AHCI)
-
-
-def test_config_lists_are_merged_with_command_line_values() -> None:
-    policy = Policy.from_options(
-        exclude=["ahci"],
-        only=["class:01"],
-        unprotect=["8086:*"],
-        config={"exclude": ["nvme"], "only": "class:0c", "unprotect": ["1b36:0010"]},
-    )
-    assert [spec.text for spec in policy.exclude] == ["nvme", "ahci"]
-    assert [spec.text for spec in policy.only] == ["class:0c", "class:01"]
-    assert [spec.text for spec in policy.unprotect] == ["1b36:0010", "8086:*"]
-    assert policy.excluded_by(NVME) == "excluded by --exclude nvme"
-    assert policy.excluded_by(AHCI) == "excluded by --exclude ahci"
-
-
-def test_hot_reset_comes_from_the_flag_or_the_config_file() -> None:
-    assert Policy.from_options(hot_reset=True).hot_reset
-    assert Policy.from_options(config={"hot-reset": True}).hot_reset
-    assert not Policy.from_options(config={"hot-reset": False}).hot_reset
-
-
-def test_a_bad_spec_in_the_config_file_is_refused() -> None:
-    with pytest.raises(UsageError, match=r"^--only: 'zz:zz' "):
-        Policy.from_options(config={"only": ["zz:zz"]})
-
-
-@pytest.mark.parametrize("value", [5, ["nvme", 1], {"a": "b"}, True])
-def test_a_config_list_of_the_wrong_type_names_the_key(value: object) -> None:
-    with pytest.raises(UsageError) as raised:
-        Policy.from_options(config={"exclude": value})
-    assert str(raised.value).startswith("config key exclude: ")
-    assert "must be a string or a list of strings" in str(raised.value)
-
-
-def test_a_config_hot_reset_that_is_not_a_boolean_names_the_key() -> None:
-    with pytest.raises(UsageError, match=r"^config key hot-reset: .* must be true or false$"):
-        Policy.from_options(config={"hot-reset": "yes"})
-
-
-# --- the config file --------------------------------------------------------------------------
-
-
-def write(path: Path, text: str) -> Path:
-    path.write_text(text)
-    return path
-
-
-def test_a_config_file_with_every_key_is_read(tmp_path: Path) -> None:
-    path = write(
-        tmp_path / "petitkexec.toml",
-        'exclude = ["0000:00:1f.*", "ahci"]\n'
-        'only = "class:0c03"\n'
-        'unprotect = ["nvme"]\n'
-        "hot-reset = true\n"
-        "unbind-timeout = 5.0\n",
-    )
-    assert load_config(path) == {
-        "exclude": ["0000:00:1f.*", "ahci"],
-        "only": "class:0c03",
-        "unprotect": ["nvme"],
-        "hot-reset": True,
-        "unbind-timeout": 5.0,
-    }
-
-
-def test_a_loaded_config_feeds_the_policy(tmp_path: Path) -> None:
-    path = write(tmp_path / "c.toml", 'exclude = ["0000:00:1f.*"]\nhot-reset = true\n')
-    policy = Policy.from_options(exclude=["nvme"], config=load_config(path))
-    assert [spec.text for spec in policy.exclude] == ["0000:00:1f.*", "nvme"]
-    assert policy.hot_reset
-
-
-def test_an_unknown_config_key_is_an_error_naming_file_and_key(tmp_path: Path) -> None:
-    path = write(tmp_path / "c.toml", 'exclude = []\nexlude = ["nvme"]\n')
-    with pytest.raises(UsageError) as raised:
-        load_config(path)
-    message = str(raised.value)
-    assert message.startswith(f"--config: {str(path)!r} has unknown key 'exlude'")
-    assert "exclude" in message.split("known:")[1]
-    assert raised.value.exit_code is ExitCode.USAGE
-
-
-def test_a_file_that_is_not_toml_is_an_error_naming_the_file(tmp_path: Path) -> None:
-    path = write(tmp_path / "c.toml", "exclude = [nvme\n")
-    with pytest.raises(UsageError) as raised:
-        load_config(path)
-    assert str(raised.value).startswith(f"--config: {str(path)!r} is not valid TOML")
-    assert "\n" not in str(raised.value)
-
-
-def test_a_file_that_is_not_utf8_is_an_error_naming_the_file(tmp_path: Path) -> None:
-    # tomllib.load() decodes the bytes itself and lets UnicodeDecodeError through.
-    path = tmp_path / "c.toml"
-    path.write_bytes(b'exclude = ["\xff"]\n')
-    with pytest.raises(UsageError) as raised:
-        load_config(path)
-    assert str(raised.value).startswith(f"--config: {str(path)!r} ")
-
-
-def test_a_missing_config_file_given_with_config_is_an_error(tmp_path: Path) -> None:
-    path = tmp_path / "absent.toml"
-    with pytest.raises(UsageError) as raised:
-        load_config(path)
-    assert (
-        str(raised.value) == f"--config: {str(path)!r} cannot be read (No such file or directory)"
-    )
-
-
-def test_a_missing_default_config_file_is_an_empty_config(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(policy_module, "DEFAULT_CONFIG_PATH", tmp_path / "absent.toml")
-    assert load_config(None) == {}
-
-
-def test_errors_in_the_default_config_file_name_that_file(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    path = write(tmp_path / "petitkexec.toml", "bogus = 1\n")
-    monkeypatch.setattr(policy_module, "DEFAULT_CONFIG_PATH", path)
-    with pytest.raises(UsageError) as raised:
-        load_config(None)
-    assert raised.value.option == str(path)
-    assert str(raised.value).startswith(f"{path}: {str(path)!r} has unknown key 'bogus'")

@@ -9,6 +9,7 @@ from petitkexec.facts import gather_facts
 from petitkexec.model import PciFunction, SystemFacts, Topology
 from petitkexec.plan import Action, build_plan
 from petitkexec.policy import Policy
+from tests.builders import policy_of
 
 NFS_ROOT = "20 1 0:22 / / rw,relatime shared:1 - nfs4 server:/export rw,vers=4.2\n"
 
@@ -55,7 +56,7 @@ def test_unprotect_tears_down_but_the_plan_says_what_it_takes_away() -> None:
     topology = Topology.from_functions([share])
     protected = build_plan(topology, Policy(), facts).decision(share.bdf)
     assert str(protected) == "protect (9p share 'hostshare' mounted at /mnt)"
-    lifted = build_plan(topology, Policy.from_options(unprotect=["virtio-pci"]), facts)
+    lifted = build_plan(topology, policy_of(unprotect=["virtio-pci"]), facts)
     step = lifted.decision(share.bdf)
     assert step.action is Action.UNBIND
     assert (

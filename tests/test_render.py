@@ -12,6 +12,7 @@ from petitkexec.model import PciFunction, SystemFacts, Topology
 from petitkexec.plan import Action, Plan, build_plan
 from petitkexec.policy import Policy
 from petitkexec.render import describe_function, plan_summary, plan_to_json, plan_tree
+from tests.builders import policy_of
 from tests.strategies import Scenario, scenarios
 
 B = Bdf.parse
@@ -109,7 +110,7 @@ def test_protected_and_kept_functions_show_why() -> None:
     topology = machine()
     plan = build_plan(
         topology,
-        Policy.from_options(exclude=["0000:00:1f.*"]),
+        policy_of(exclude=["0000:00:1f.*"]),
         SystemFacts(needed={B("0000:02:00.0"): "backs / mounted rw"}),
     )
     text = {bdf: line for _, bdf, line in tree_lines(topology, plan)}
@@ -178,7 +179,7 @@ def test_json_carries_the_conflicts() -> None:
     topology = machine()
     plan = build_plan(
         topology,
-        Policy.from_options(only=["nvme"]),
+        policy_of(only=["nvme"]),
         SystemFacts(needed={B("0001:00:00.0"): "backs / mounted rw"}),
     )
     assert plan_to_json(topology, plan)["conflicts"] == list(plan.conflicts)

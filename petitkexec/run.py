@@ -1,0 +1,205 @@
+"""One run of a command, without click: discover → plan → (preflight, load) → teardown → hand off.
+
+Once the teardown has begun, nothing leaves this module without the journal rolled back: a
+failed handoff, a signal, a hung step, and any exception at all, ours or not.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+
+from petitkexec.errors import ExitCode, PreflightRefused, RolledBack
+from petitkexec.execute import OutcomeCallback, Teardown
+from petitkexec.facts import gather_facts
+from petitkexec.handoff import HandoffResult, LoadRequest, execute_loaded_kernel, load
+from petitkexec.journal import UndoResult
+from petitkexec.kernel import SYSFS_ROOT, Kernel, RealSysfsWriter, SysfsWriter
+from petitkexec.log import get_logger, timed
+from petitkexec.model import SystemFacts, Topology
+from petitkexec.outcome import TeardownReport
+from petitkexec.plan import Plan, build_plan
+from petitkexec.preflight import PreflightInput, check_can_hand_off, check_can_tear_down
+from petitkexec.settings import Settings
+
+
+@dataclass
+class Environment:
+    """What the commands act on; tests hand in a simulated kernel."""
+
+    sysfs_root: Path = SYSFS_ROOT
+    proc_root: Path = Path("/proc")
+    discover: Callable[[], Topology] | None = None  # None: petitkexec.discovery
+    writer: SysfsWriter = field(default_factory=RealSysfsWriter)
+    euid: int = field(default_factory=os.geteuid)
+
+    def kernel(self) -> Kernel:
+        return Kernel(self.sysfs_root, self.writer)
+
+    def topology(self) -> Topology:
+        if self.discover is not None:
+            return self.discover()
+        from petitkexec.discovery import discover_topology  # pyudev loads only to discover
+
+        return discover_topology(self.sysfs_root)
+
+    def facts(self) -> SystemFacts:
+        return gather_facts(self.sysfs_root, self.proc_root)
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """What a teardown acts on: the machine as discovered, and the plan for it."""
+
+    topology: Topology
+    facts: SystemFacts
+    plan: Plan
+    settings: Settings
+
+
+def prepare(environment: Environment, settings: Settings) -> Prepared:
+    log = get_logger("petitkexec")
+    with timed(log, "discovered") as fields:
+        topology, facts = environment.topology(), environment.facts()
+        fields.update(functions=len(topology), needed=len(facts.needed), lockdown=facts.lockdown)
+    with timed(log, "planned") as fields:
+        plan = build_plan(topology, settings.policy, facts)
+        fields.update(steps=len(plan.steps), waves=len({s.wave for s in plan.steps}))
+    return Prepared(topology, facts, plan, settings)
+
+
+def teardown(
+    environment: Environment, prepared: Prepared, on_outcome: OutcomeCallback | None = None
+) -> TeardownReport:
+    """`petitkexec teardown`: the plan carried out (or shown, with --dry-run)."""
+    if not prepared.settings.execution.dry_run:
+        check_can_tear_down(environment.euid, prepared.plan)
+    run = _teardown(environment, prepared, on_outcome)
+    with _rolled_back_on_error(environment, run):
+        return _timed_run(run)
+
+
+class Handoff(Enum):
+    """How an `exec` ended, when it returned at all."""
+
+    DRY_RUN = "not attempted (dry run)"
+    WITHHELD = "not attempted (--strict: a step failed)"
+    UNSAFE = "not attempted (the kernel's shutdown would hang too)"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class HandoffRequest:
+    kexec: str | None  # the absolute path preflight resolved, None if there is none
+    syscall: bool = False  # reboot(LINUX_REBOOT_CMD_KEXEC) instead of `kexec -e`
+    strict: bool = False
+    kexec_args: tuple[str, ...] = ()
+    load: LoadRequest | None = None
+
+    @property
+    def binary(self) -> str | None:
+        return None if self.syscall else self.kexec
+
+    def describe(self) -> str:
+        if self.binary is None:
+            return "reboot(LINUX_REBOOT_CMD_KEXEC)"
+        return " ".join((self.binary, "-e", *self.kexec_args))
+
+
+@dataclass(frozen=True)
+class ExecResult:
+    report: TeardownReport
+    handoff: Handoff
+    command: str
+    failure: HandoffResult | None = None
+    rollback: tuple[UndoResult, ...] = ()
+
+    @property
+    def exit_code(self) -> ExitCode:
+        if self.handoff is Handoff.FAILED:
+            return ExitCode.HANDOFF_FAILED
+        return self.report.exit_code
+
+
+def exec_(
+    environment: Environment,
+    prepared: Prepared,
+    request: HandoffRequest,
+    on_outcome: OutcomeCallback | None = None,
+    on_handing_off: Callable[[TeardownReport, str], None] | None = None,
+) -> ExecResult:
+    """`petitkexec exec`: preflight, load, teardown, handoff. Returns only if the machine is
+    still ours: nothing to hand off to, a handoff withheld, or a handoff that failed (then
+    the teardown has been rolled back)."""
+    dry_run = prepared.settings.execution.dry_run
+    check_can_hand_off(
+        PreflightInput(
+            prepared.facts,
+            prepared.plan,
+            request.kexec,
+            request.syscall,
+            request.load is not None,
+            # --dry-run changes nothing, so it needs no root; every other check still applies.
+            0 if dry_run else environment.euid,
+        )
+    )
+    if request.load is not None and not dry_run:
+        assert request.kexec is not None  # preflight refuses --load without a binary
+        failure = load(request.load, request.kexec)
+        if failure is not None:
+            raise PreflightRefused(
+                f"kexec load failed ({failure.returncode}): {failure.output}",
+                hint="nothing was touched; " + " ".join(failure.command),
+            )
+    run = _teardown(environment, prepared, on_outcome)
+    with _rolled_back_on_error(environment, run):
+        report = _timed_run(run)
+        command = request.describe()
+        if dry_run:
+            return ExecResult(report, Handoff.DRY_RUN, command)
+        if not report.handoff_safe:
+            return ExecResult(report, Handoff.UNSAFE, command)
+        if request.strict and report.failed:
+            return ExecResult(report, Handoff.WITHHELD, command)
+        if on_handing_off is not None:
+            on_handing_off(report, command)
+        failure = execute_loaded_kernel(request.binary, request.kexec_args)
+        # Still here: kexec refused. Put the devices back so a bootloader menu or shell works.
+        rollback = tuple(run.journal.rollback(environment.kernel()))
+        return ExecResult(report, Handoff.FAILED, command, failure, rollback)
+
+
+def _teardown(
+    environment: Environment, prepared: Prepared, on_outcome: OutcomeCallback | None
+) -> Teardown:
+    return Teardown(
+        environment.kernel(),
+        prepared.topology,
+        prepared.plan,
+        prepared.settings.execution,
+        on_outcome=on_outcome,
+    )
+
+
+def _timed_run(run: Teardown) -> TeardownReport:
+    with timed(get_logger("petitkexec"), "torn down", dry_run=run.options.dry_run) as fields:
+        report = run.run()
+        fields.update(failed=len(report.failed), stopped=report.stopped_because)
+    return report
+
+
+@contextmanager
+def _rolled_back_on_error(environment: Environment, run: Teardown) -> Iterator[None]:
+    """Any exception once the teardown has begun: roll back what the journal holds, then
+    report both (a machine must never be left torn down without a rollback attempt)."""
+    try:
+        yield
+    except BaseException as error:
+        if isinstance(error, GeneratorExit):
+            raise
+        rollback = tuple(run.journal.rollback(environment.kernel()))
+        raise RolledBack(error, rollback) from error

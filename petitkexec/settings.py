@@ -1,0 +1,259 @@
+"""Every setting declared once: its option, its config-file key, how its value is read, its default.
+
+The click options, the config file's known keys, validation and the defaults shown in `--help`
+are all derived from `SETTINGS` (the shape of ukify's ConfigItem and mkosi's ConfigSetting).
+A value is read the same way wherever it comes from, and an error names the option or the key
+as the user wrote it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import sys
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+from petitkexec.errors import UsageError
+from petitkexec.policy import DeviceSpec, Policy
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on 3.10 only
+    import tomli as tomllib
+
+DEFAULT_CONFIG_PATH = Path("/etc/petitkexec.toml")
+
+
+class Scope(Enum):
+    PLAN = "plan"  # every command that plans: plan, teardown, exec
+    EXECUTE = "execute"  # only the commands that carry a plan out: teardown, exec
+
+
+Parser = Callable[[Any, str], Any]  # (raw value, where it came from) -> value, or UsageError
+
+
+@dataclass(frozen=True)
+class Setting:
+    name: str  # the keyword click passes, and the field it fills
+    option: str
+    help: str
+    parse: Parser
+    scope: Scope
+    default: Any = None
+    config_key: str | None = None  # None: command line only
+    multiple: bool = False  # a list: the config file's entries, then each use of the option
+    flag: bool = False  # on if the option or the config file says so
+    metavar: str | None = None
+
+    @property
+    def help_text(self) -> str:
+        if self.multiple or self.flag or self.default is None:
+            return self.help
+        return f"{self.help} [default: {self.default:g}]"
+
+
+def _specs(value: Any, where: str) -> tuple[DeviceSpec, ...]:
+    values = [value] if isinstance(value, str) else value
+    if not isinstance(values, (list, tuple)) or not all(isinstance(v, str) for v in values):
+        raise UsageError(where, value, "must be a string or a list of strings")
+    return tuple(DeviceSpec.parse(text, where) for text in values)
+
+
+def _flag(value: Any, where: str) -> bool:
+    if not isinstance(value, bool):
+        raise UsageError(where, value, "must be true or false")
+    return value
+
+
+def _number(value: Any, where: str, whole: bool, minimum: float, unit: str) -> float:
+    """A number from the config file, or text from the command line."""
+    number: float | None = None
+    if isinstance(value, (int, float, str)) and not isinstance(value, bool):
+        with contextlib.suppress(ValueError, OverflowError):
+            number = float(value)
+    if (
+        number is None
+        or not math.isfinite(number)
+        or number < minimum
+        or (whole and not number.is_integer())
+    ):
+        raise UsageError(where, value, f"must be {unit} of at least {minimum:g}")
+    return number
+
+
+def _seconds(value: Any, where: str) -> float:
+    return _number(value, where, False, 0.1, "a number of seconds")
+
+
+def _count(value: Any, where: str) -> int:
+    return int(_number(value, where, True, 1, "a whole number"))
+
+
+# The unbind deadline: long enough for NVMe's controller shutdown (4.5-13 s per drive seen in
+# the field, nvme_disable_ctrl) would be too long for a bootloader; 5 s covers most hardware,
+# and a hang is what the deadline exists to catch.
+DEFAULT_UNBIND_TIMEOUT_S = 5.0
+# Independent remove() calls run side by side: a slow one costs its own time, not everyone's.
+DEFAULT_JOBS = 8
+
+SETTINGS = (
+    Setting(
+        "exclude",
+        "--exclude",
+        "Leave matching functions alone: BDF glob, vendor:device, class:HEX or driver name. "
+        "Repeatable.",
+        _specs,
+        Scope.PLAN,
+        config_key="exclude",
+        multiple=True,
+        metavar="SPEC",
+    ),
+    Setting(
+        "only",
+        "--only",
+        "Touch only matching functions (same syntax). Repeatable.",
+        _specs,
+        Scope.PLAN,
+        config_key="only",
+        multiple=True,
+        metavar="SPEC",
+    ),
+    Setting(
+        "unprotect",
+        "--unprotect",
+        "Tear down matching functions even if the running system needs them "
+        "(the root disk, a mounted share, the console).",
+        _specs,
+        Scope.PLAN,
+        config_key="unprotect",
+        multiple=True,
+        metavar="SPEC",
+    ),
+    Setting(
+        "hot_reset",
+        "--hot-reset",
+        "Add a secondary-bus reset of each fully torn-down bridge, last.",
+        _flag,
+        Scope.PLAN,
+        config_key="hot-reset",
+        flag=True,
+    ),
+    Setting(
+        "unbind_timeout",
+        "--unbind-timeout",
+        "Deadline for each driver unbind.",
+        _seconds,
+        Scope.EXECUTE,
+        default=DEFAULT_UNBIND_TIMEOUT_S,
+        config_key="unbind-timeout",
+        metavar="SECONDS",
+    ),
+    Setting(
+        "jobs",
+        "--jobs",
+        "Unbind up to this many independent devices side by side (1: one at a time).",
+        _count,
+        Scope.EXECUTE,
+        default=DEFAULT_JOBS,
+        config_key="jobs",
+        metavar="N",
+    ),
+    Setting(
+        "raw_sbr",
+        "--raw-sbr",
+        "Allow a raw secondary-bus reset through Bridge Control when the kernel offers no "
+        "reset (never on PowerNV).",
+        _flag,
+        Scope.EXECUTE,
+        config_key="raw-sbr",
+        flag=True,
+    ),
+    Setting(
+        "dry_run",
+        "--dry-run",
+        "Print what would run; change nothing.",
+        _flag,
+        Scope.EXECUTE,
+        flag=True,
+    ),
+)
+CONFIG_KEYS = {s.config_key: s for s in SETTINGS if s.config_key is not None}
+
+
+@dataclass(frozen=True)
+class ExecutionOptions:
+    """How a plan is carried out."""
+
+    unbind_timeout_s: float = DEFAULT_UNBIND_TIMEOUT_S
+    jobs: int = DEFAULT_JOBS
+    raw_sbr: bool = False
+    dry_run: bool = False
+
+
+@dataclass(frozen=True)
+class Settings:
+    policy: Policy = field(default_factory=Policy)
+    execution: ExecutionOptions = field(default_factory=ExecutionOptions)
+
+
+def resolve(
+    given: Mapping[str, Any],
+    config: Mapping[str, Any] | None = None,
+    config_source: str = "config",
+) -> Settings:
+    """Merge the command line (`given`, by setting name; None or empty = not given) over the
+    config file: lists are the file's entries then the options', flags are or-ed, a value
+    given on the command line replaces the file's."""
+    config = config or {}
+    values: dict[str, Any] = {}
+    for setting in SETTINGS:
+        from_file = None
+        if setting.config_key is not None and setting.config_key in config:
+            where = f"{config_source}: {setting.config_key}"
+            from_file = setting.parse(config[setting.config_key], where)
+        raw = given.get(setting.name)
+        from_option = None if raw in (None, (), [], False) else setting.parse(raw, setting.option)
+        if setting.multiple:
+            values[setting.name] = (*(from_file or ()), *(from_option or ()))
+        elif setting.flag:
+            values[setting.name] = bool(from_file or from_option)
+        else:
+            values[setting.name] = next(
+                v for v in (from_option, from_file, setting.default) if v is not None
+            )
+    return Settings(
+        Policy(values["exclude"], values["only"], values["unprotect"], values["hot_reset"]),
+        ExecutionOptions(
+            values["unbind_timeout"], values["jobs"], values["raw_sbr"], values["dry_run"]
+        ),
+    )
+
+
+def load_config(path: Path | None) -> tuple[dict[str, Any], str]:
+    """Read the TOML config and say where it came from: a missing default file is empty, a
+    missing --config an error."""
+    if path is None:
+        if not DEFAULT_CONFIG_PATH.exists():
+            return {}, str(DEFAULT_CONFIG_PATH)
+        path, option = DEFAULT_CONFIG_PATH, str(DEFAULT_CONFIG_PATH)
+    else:
+        option = "--config"
+    try:
+        with path.open("rb") as handle:
+            config: dict[str, Any] = tomllib.load(handle)
+    except OSError as error:
+        raise UsageError(option, str(path), f"cannot be read ({error.strerror})") from error
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
+        raise UsageError(option, str(path), f"is not valid TOML ({error})") from error
+    unknown = sorted(set(config) - set(CONFIG_KEYS))
+    if unknown:
+        raise UsageError(
+            option,
+            str(path),
+            f"has unknown key {unknown[0]!r}; known: " + ", ".join(sorted(CONFIG_KEYS)),
+        )
+    return config, str(path)

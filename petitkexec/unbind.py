@@ -1,0 +1,98 @@
+"""Unbinding a driver: remove() in a child with a deadline, then the bus-master read-back.
+
+remove() is the well-tested path that leaves a device clean for the next driver. The write to
+`unbind` runs it synchronously and can block forever (a held device_lock, a remove() waiting
+for its users), so it runs in a child (petitkexec.deadline) that is abandoned at the deadline.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import time
+from dataclasses import dataclass
+
+from petitkexec.bdf import Bdf
+from petitkexec.busmaster import BusMasterClearer
+from petitkexec.deadline import ChildResult
+from petitkexec.errors import KernelWriteFailed, errno_name
+from petitkexec.journal import Journal, Undo, UndoKind
+from petitkexec.kernel import Kernel
+from petitkexec.outcome import Pending, Status, StepOutcome
+from petitkexec.plan import Step
+
+
+@dataclass(frozen=True)
+class Unbinder:
+    kernel: Kernel
+    journal: Journal
+    bus_master: BusMasterClearer
+    timeout_s: float
+
+    def begin(self, step: Step) -> StepOutcome | Pending:
+        bdf, kernel, began = step.bdf, self.kernel, time.monotonic()
+        driver = kernel.driver(bdf)
+        if not kernel.exists(bdf):
+            return StepOutcome(step, Status.GONE, "function is gone")
+        if driver is None:
+            return self.bus_master.after_unbind(step, "driver already gone")
+        original_override = kernel.driver_override(bdf)
+        # pci_device_remove() disables SR-IOV and removes the VFs; rebinding the PF does not
+        # bring them back, so the rollback needs the count.
+        numvfs = kernel.read_sriov_numvfs(bdf)
+        try:
+            # Keep udev, module loads and drivers_autoprobe from binding anything again.
+            kernel.set_driver_override(bdf, "none")
+        except KernelWriteFailed as error:
+            return StepOutcome(
+                step, Status.FAILED, f"driver_override: {error}", driver_after=driver
+            )
+        child = kernel.start_unbind(bdf, driver, self.timeout_s)
+        finish = functools.partial(self._finish, step, driver, original_override, numvfs)
+        return Pending(step, child, began, finish)
+
+    def _finish(
+        self,
+        step: Step,
+        driver: str,
+        original_override: str | None,
+        numvfs: int | None,
+        result: ChildResult,
+    ) -> StepOutcome:
+        bdf, kernel = step.bdf, self.kernel
+        if not result.finished:
+            return StepOutcome(
+                step,
+                Status.HUNG,
+                f"{driver} remove() did not return within {self.timeout_s:g} s "
+                f"(child {result.pid} abandoned; {step.reason})",
+                driver_after=kernel.driver(bdf),
+            )
+        if not kernel.exists(bdf):
+            self._record_rebind(bdf, driver, original_override, numvfs)
+            return StepOutcome(step, Status.DONE, f"unbound from {driver}; function removed")
+        driver_after = kernel.driver(bdf)
+        if driver_after is not None:
+            # A failure here is reported through the step's own failure; nothing more to do.
+            with contextlib.suppress(KernelWriteFailed):
+                kernel.set_driver_override(bdf, original_override)
+            why = errno_name(result.errno) if result.errno else "write succeeded"
+            return StepOutcome(
+                step,
+                Status.FAILED,
+                f"still bound to {driver_after} after unbind ({why})",
+                driver_after=driver_after,
+            )
+        self._record_rebind(bdf, driver, original_override, numvfs)
+        return self.bus_master.after_unbind(step, f"unbound from {driver}")
+
+    def _record_rebind(
+        self, bdf: Bdf, driver: str, original_override: str | None, numvfs: int | None
+    ) -> None:
+        # Undone last first: the PF is bound again, then its VFs are created, then the VFs'
+        # own rebinds (journalled earlier, VFs go first) find them.
+        if numvfs:
+            self.journal.record(Undo(UndoKind.RESTORE_SRIOV, bdf, numvfs=numvfs))
+        self.journal.record(
+            Undo(UndoKind.REBIND, bdf, driver=driver, driver_override=original_override)
+        )
