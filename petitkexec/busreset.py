@@ -28,15 +28,13 @@ SBR_SETTLE_S = 0.1
 SBR_ANSWER_DEADLINE_S = 1.0
 # How often a function that does not answer yet (0xffff) is asked again within that second.
 SBR_ANSWER_POLL_S = 0.02
-# The kernel itself waits up to 60 s for devices answering CRS after a reset
-# (PCIE_RESET_READY_POLL_MS); past that, the reset is stuck in the kernel.
-RESET_TIMEOUT_S = 75.0
 
 
 @dataclass(frozen=True)
 class BusResetter:
     kernel: Kernel
     topology: Topology
+    timeout_s: float
     raw_sbr_allowed: bool
 
     def begin(self, step: Step) -> StepOutcome | Pending:
@@ -45,13 +43,13 @@ class BusResetter:
             # ENOTTY: a device below is quirked NO_BUS_RESET, or the link did not come back
             # within the kernel's wait; EAGAIN: it could not lock every device below.
             how = "reset_subordinate"
-            child = kernel.start_reset_subordinate(bridge, RESET_TIMEOUT_S)
+            child = kernel.start_reset_subordinate(bridge, self.timeout_s)
             return Pending(step, child, began, functools.partial(self._finish, step, how))
         children = [bdf for bdf in self.topology.children(bridge) if kernel.exists(bdf)]
         methods = kernel.read_attribute(children[0], "reset_method") if len(children) == 1 else None
         if methods is not None and "bus" in methods.split():
             how = f"bus reset through {children[0]} (reset_method bus)"
-            child = kernel.start_function_bus_reset(children[0], RESET_TIMEOUT_S)
+            child = kernel.start_function_bus_reset(children[0], self.timeout_s)
             return Pending(step, child, began, functools.partial(self._finish, step, how))
         why = (
             f"{len(children)} functions on the bus"
@@ -77,7 +75,7 @@ class BusResetter:
             return StepOutcome(
                 step,
                 Status.HUNG,
-                f"{how}: no answer within {RESET_TIMEOUT_S:g} s (child {result.pid} abandoned)",
+                f"{how}: no answer within {self.timeout_s:g} s (child {result.pid} abandoned)",
             )
         if result.errno:
             outcome = self._after_reset(step, f"{how} refused: {errno_name(result.errno)}")

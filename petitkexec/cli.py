@@ -142,7 +142,7 @@ def _environment() -> Environment:
 
 
 def _settings(given: dict[str, Any]) -> Settings:
-    config, source = load_config(given.pop("config_path"))
+    config, source = load_config(given.pop("config_path"), _environment().euid)
     return resolve(given, config, source)
 
 

@@ -17,7 +17,7 @@ class ExitCode(IntEnum):
     USAGE = 2  # bad option, spec or config file
     PREFLIGHT_REFUSED = 3  # nothing was touched
     HANDOFF_FAILED = 4  # teardown done, kexec did not take over; rolled back
-    UNBIND_HUNG = 5  # a remove() never returned: handing off would hang the machine
+    HUNG = 5  # an unbind or a reset never returned: handing off would hang the machine
     INTERNAL = 70  # an error petitkexec did not expect (EX_SOFTWARE); rolled back if needed
     INTERRUPTED = 130  # SIGINT/SIGTERM during teardown; rolled back
 

@@ -31,16 +31,19 @@ class Teardown:
     topology: Topology
     plan: Plan
     options: ExecutionOptions = field(default_factory=ExecutionOptions)
-    journal: Journal = field(default_factory=Journal)
     on_outcome: OutcomeCallback | None = None
     interrupted_by: str | None = None
 
     def __post_init__(self) -> None:
+        # A rebind runs probe() as an unbind runs remove(): the same deadline suits both.
+        self.journal = Journal(undo_timeout_s=self.options.unbind_timeout_s)
         self.bus_master = BusMasterClearer(self.kernel, self.journal)
         self.unbinder = Unbinder(
             self.kernel, self.journal, self.bus_master, self.options.unbind_timeout_s
         )
-        self.resetter = BusResetter(self.kernel, self.topology, self.options.raw_sbr)
+        self.resetter = BusResetter(
+            self.kernel, self.topology, self.options.reset_timeout_s, self.options.raw_sbr
+        )
 
     def run(self) -> TeardownReport:
         outcomes: list[StepOutcome] = []

@@ -12,10 +12,6 @@ from petitkexec.deadline import Child, wait_first
 from petitkexec.errors import KernelWriteFailed, errno_name
 from petitkexec.kernel import Kernel
 
-# A rebind runs probe(), which may wait on locks a hung remove() still holds, and restoring
-# SR-IOV probes every VF: each gets a deadline so that a rollback always ends.
-DEFAULT_UNDO_TIMEOUT_S = 10.0
-
 
 class UndoKind(Enum):
     REBIND = "rebind"  # restore driver_override, then bind the original driver again
@@ -53,8 +49,10 @@ class UndoResult:
 
 @dataclass
 class Journal:
+    # A rebind runs probe(), which may wait on locks a hung remove() still holds, and
+    # restoring SR-IOV probes every VF: each gets this deadline, so a rollback always ends.
+    undo_timeout_s: float
     entries: list[Undo] = field(default_factory=list)
-    undo_timeout_s: float = DEFAULT_UNDO_TIMEOUT_S
 
     def record(self, undo: Undo) -> None:
         self.entries.append(undo)

@@ -104,9 +104,17 @@ class Kernel:
     def _write(self, path: Path, text: str, offset: int | None = None) -> None:
         self._write_bytes(path, text.encode(), offset)
 
+    def _write_confined(self, path: Path, data: bytes, offset: int | None = None) -> None:
+        """Write only where the path really leads under the sysfs root: a link (or a file
+        put in its place) that leads elsewhere is refused, whatever it points at."""
+        real, root = os.path.realpath(path), os.path.realpath(self.root)
+        if os.path.commonpath([real, root]) != root:
+            raise OSError(errno.EXDEV, f"{path} leads outside {self.root} (to {real}): refused")
+        self.writer.write(path, data, offset)
+
     def _write_bytes(self, path: Path, data: bytes, offset: int | None = None) -> None:
         try:
-            self.writer.write(path, data, offset)
+            self._write_confined(path, data, offset)
         except OSError as error:
             raise KernelWriteFailed(
                 str(path), error.errno or errno.EIO, error.strerror or ""
@@ -133,7 +141,7 @@ class Kernel:
     # a child that may be abandoned at its deadline; see petitkexec.deadline.
 
     def _start_write(self, path: Path, text: str, timeout_s: float) -> Child:
-        return start_child(lambda: self.writer.write(path, text.encode()), timeout_s)
+        return start_child(lambda: self._write_confined(path, text.encode()), timeout_s)
 
     def start_unbind(self, bdf: Bdf, driver: str, timeout_s: float) -> Child:
         return self._start_write(self._driver_dir(driver) / "unbind", str(bdf), timeout_s)
@@ -157,12 +165,12 @@ class Kernel:
         methods = self.read_attribute(bdf, "reset_method") or "default"
 
         def reset() -> None:
-            self.writer.write(directory / "reset_method", b"bus")
+            self._write_confined(directory / "reset_method", b"bus")
             try:
-                self.writer.write(directory / "reset", b"1")
+                self._write_confined(directory / "reset", b"1")
             finally:
                 with contextlib.suppress(OSError):
-                    self.writer.write(directory / "reset_method", methods.encode())
+                    self._write_confined(directory / "reset_method", methods.encode())
 
         return start_child(reset, timeout_s)
 

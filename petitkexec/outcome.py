@@ -64,7 +64,7 @@ class TeardownReport:
     @property
     def exit_code(self) -> ExitCode:
         if self.hung:
-            return ExitCode.UNBIND_HUNG
+            return ExitCode.HUNG
         if self.interrupted:
             return ExitCode.INTERRUPTED
         return ExitCode.TEARDOWN_PARTIAL if self.failed else ExitCode.OK

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
+import stat
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -97,6 +99,9 @@ def _count(value: Any, where: str) -> int:
 # the field, nvme_disable_ctrl) would be too long for a bootloader; 5 s covers most hardware,
 # and a hang is what the deadline exists to catch.
 DEFAULT_UNBIND_TIMEOUT_S = 5.0
+# A kernel bus reset waits up to 60 s for devices answering CRS (PCIE_RESET_READY_POLL_MS);
+# past that it is stuck in the kernel, holding the locks of every device below.
+DEFAULT_RESET_TIMEOUT_S = 75.0
 # Independent remove() calls run side by side: a slow one costs its own time, not everyone's.
 DEFAULT_JOBS = 8
 
@@ -153,6 +158,16 @@ SETTINGS = (
         metavar="SECONDS",
     ),
     Setting(
+        "reset_timeout",
+        "--reset-timeout",
+        "Deadline for each bus reset.",
+        _seconds,
+        Scope.EXECUTE,
+        default=DEFAULT_RESET_TIMEOUT_S,
+        config_key="reset-timeout",
+        metavar="SECONDS",
+    ),
+    Setting(
         "jobs",
         "--jobs",
         "Unbind up to this many independent devices side by side (1: one at a time).",
@@ -189,6 +204,7 @@ class ExecutionOptions:
     """How a plan is carried out."""
 
     unbind_timeout_s: float = DEFAULT_UNBIND_TIMEOUT_S
+    reset_timeout_s: float = DEFAULT_RESET_TIMEOUT_S
     jobs: int = DEFAULT_JOBS
     raw_sbr: bool = False
     dry_run: bool = False
@@ -228,14 +244,19 @@ def resolve(
     return Settings(
         Policy(values["exclude"], values["only"], values["unprotect"], values["hot_reset"]),
         ExecutionOptions(
-            values["unbind_timeout"], values["jobs"], values["raw_sbr"], values["dry_run"]
+            unbind_timeout_s=values["unbind_timeout"],
+            reset_timeout_s=values["reset_timeout"],
+            jobs=values["jobs"],
+            raw_sbr=values["raw_sbr"],
+            dry_run=values["dry_run"],
         ),
     )
 
 
-def load_config(path: Path | None) -> tuple[dict[str, Any], str]:
+def load_config(path: Path | None, euid: int = -1) -> tuple[dict[str, Any], str]:
     """Read the TOML config and say where it came from: a missing default file is empty, a
-    missing --config an error."""
+    missing --config an error. Run as root (`euid` 0), a file that someone else could have
+    written is refused: its `unprotect` key decides what gets torn down."""
     if path is None:
         if not DEFAULT_CONFIG_PATH.exists():
             return {}, str(DEFAULT_CONFIG_PATH)
@@ -244,6 +265,8 @@ def load_config(path: Path | None) -> tuple[dict[str, Any], str]:
         option = "--config"
     try:
         with path.open("rb") as handle:
+            if euid == 0:
+                _check_trusted(handle.fileno(), option, path)
             config: dict[str, Any] = tomllib.load(handle)
     except OSError as error:
         raise UsageError(option, str(path), f"cannot be read ({error.strerror})") from error
@@ -257,3 +280,14 @@ def load_config(path: Path | None) -> tuple[dict[str, Any], str]:
             f"has unknown key {unknown[0]!r}; known: " + ", ".join(sorted(CONFIG_KEYS)),
         )
     return config, str(path)
+
+
+def _check_trusted(fd: int, option: str, path: Path) -> None:
+    status = os.fstat(fd)
+    if status.st_uid != 0 or status.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise UsageError(
+            option,
+            str(path),
+            f"may be written by others than root (owner uid {status.st_uid}, mode "
+            f"{stat.S_IMODE(status.st_mode):04o}): refused; chown root and chmod go-w",
+        )

@@ -58,6 +58,7 @@ class SimFunction:
     # behaviour of the driver's remove()
     remove_clears_master: bool = False  # pcim_enable_device(): pci_disable_device() on unbind
     remove_hangs: bool = False  # e.g. p9_virtio_remove waiting for its users
+    probe_hangs: bool = False  # a rebind's probe() waiting on a lock that is never released
     remove_seconds: float = 0.0  # how long remove() takes (NVMe shutdown, NIC firmware)
     reset_seconds: float = 0.0  # how long a secondary bus reset below this bridge takes
 
@@ -334,6 +335,8 @@ class SimKernel:
         override = self.attribute(bdf, "driver_override")
         if self.driver_of(bdf) is not None or override not in ("(null)", driver):
             raise OSError(errno.ENODEV, "No such device")
+        if self.by_bdf[bdf].probe_hangs:
+            time.sleep(3600)  # killed by the caller's deadline
         self._attach(bdf, driver)
         self._set_command(bdf, self.command_of(bdf) | MASTER)  # probe: pci_set_master()
         self._set_enable_count(bdf, self._enable_count(bdf) + 1)

@@ -156,6 +156,7 @@ def test_every_config_key_is_a_setting_with_an_option() -> None:
         "unprotect",
         "hot-reset",
         "unbind-timeout",
+        "reset-timeout",
         "jobs",
         "raw-sbr",
     }
