@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from petitkexec.bdf import Bdf
+from petitkexec.errors import PreflightRefused
 from petitkexec.model import SystemFacts
 
 
@@ -26,9 +27,12 @@ class Mount:
 
     @classmethod
     def parse(cls, line: str) -> Mount:
-        # mountinfo(5): ID PARENT MAJ:MIN ROOT POINT OPTIONS [OPTIONAL...] - FSTYPE SOURCE SUPER
-        before, _, after = line.partition(" - ")
+        """One line of mountinfo(5); ValueError if it is not one."""
+        # ID PARENT MAJ:MIN ROOT POINT OPTIONS [OPTIONAL...] - FSTYPE SOURCE SUPER
+        before, separator, after = line.partition(" - ")
         fields, tail = before.split(), after.split()
+        if not separator or len(fields) < 6 or not tail or fields[2].count(":") != 1:
+            raise ValueError(f"not a mountinfo line: {line!r}")
         major, minor = fields[2].split(":")
         options = fields[5].split(",")
         super_options = tail[2].split(",") if len(tail) > 2 else []
@@ -73,10 +77,18 @@ def needed_functions(sysfs_root: Path, proc_root: Path) -> dict[Bdf, str]:
 
 def _mount_needs(sysfs_root: Path, proc_root: Path) -> Iterator[tuple[Bdf, str]]:
     """Writable mounts and the root file system (the handoff still runs programs from it)."""
+    # Without the mount table nothing tells which disks the running system still writes to:
+    # refuse rather than guess.
     try:
         mounts = read_mounts(proc_root)
-    except OSError:
-        return
+    except OSError as error:
+        raise PreflightRefused(
+            f"cannot read {proc_root}/self/mountinfo ({error.strerror}): the disks the "
+            "running system needs are unknown",
+            hint=f"mount -t proc proc {proc_root}",
+        ) from error
+    except ValueError as error:
+        raise PreflightRefused(f"{proc_root}/self/mountinfo: {error}") from error
     # Only a 9p mount needs the virtio devices' tags; most systems have none.
     has_9p = any(mount.fstype == "9p" for mount in mounts)
     virtio_tags = _virtio_mount_tags(sysfs_root) if has_9p else {}

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from petitkexec.errors import PreflightRefused
 from petitkexec.facts import Mount, gather_facts, read_kexec_loaded, read_lockdown, read_mounts
 
 ROOT_PORT = "pci0000:00/0000:00:1c.0"
@@ -85,6 +86,7 @@ class FakeMachine:
         self.sys = root / "sys"
         self.proc = root / "proc"
         (self.proc / "self").mkdir(parents=True)
+        (self.proc / "self" / "mountinfo").write_text("")
         self.sys.mkdir()
         self.mountinfo: list[str] = []
 
@@ -270,7 +272,19 @@ def test_the_first_reason_for_a_function_wins(machine: FakeMachine) -> None:
     assert machine.needed() == {"0000:00:1f.2": "backs / mounted rw"}
 
 
-def test_without_mountinfo_nothing_is_needed_and_nothing_is_known(machine: FakeMachine) -> None:
+def test_without_mountinfo_the_facts_are_refused_not_guessed(machine: FakeMachine) -> None:
+    (machine.proc / "self" / "mountinfo").unlink()
+    with pytest.raises(PreflightRefused, match="the disks the running system needs are unknown"):
+        gather_facts(machine.sys, machine.proc)
+
+
+def test_a_mountinfo_line_that_does_not_parse_is_refused(machine: FakeMachine) -> None:
+    machine.mount("22 1 garbage")
+    with pytest.raises(PreflightRefused, match="not a mountinfo line"):
+        gather_facts(machine.sys, machine.proc)
+
+
+def test_without_lockdown_or_kexec_loaded_files_nothing_is_known(machine: FakeMachine) -> None:
     facts = gather_facts(machine.sys, machine.proc)
     assert facts.needed == {}
     assert facts.lockdown is None
@@ -281,6 +295,8 @@ def test_without_mountinfo_nothing_is_needed_and_nothing_is_known(machine: FakeM
 
 
 def write_sysfs(root: Path, relative: str, text: str) -> None:
+    (root / "proc" / "self").mkdir(parents=True, exist_ok=True)
+    (root / "proc" / "self" / "mountinfo").touch()
     path = root / relative
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
