@@ -10,10 +10,10 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from petitkexec.bdf import Bdf
-from petitkexec.deadline import ChildResult
+from petitkexec.deadline import Budget, ChildResult
 from petitkexec.errors import KernelWriteFailed, errno_name
 from petitkexec.kernel import Kernel
 from petitkexec.model import CONFIG_GONE, PCI_BRIDGE_CTL_BUS_RESET, Topology, bus_master_of
@@ -36,21 +36,27 @@ class BusResetter:
     topology: Topology
     timeout_s: float
     raw_sbr_allowed: bool
+    budget: Budget = field(default_factory=Budget)
 
     def begin(self, step: Step) -> StepOutcome | Pending:
         bridge, kernel, began = step.bdf, self.kernel, time.monotonic()
+        timeout_s = self.budget.clip(self.timeout_s)
         if kernel.has_attribute(bridge, "reset_subordinate"):
             # ENOTTY: a device below is quirked NO_BUS_RESET, or the link did not come back
             # within the kernel's wait; EAGAIN: it could not lock every device below.
             how = "reset_subordinate"
-            child = kernel.start_reset_subordinate(bridge, self.timeout_s)
-            return Pending(step, child, began, functools.partial(self._finish, step, how))
+            child = kernel.start_reset_subordinate(bridge, timeout_s)
+            return Pending(
+                step, child, began, functools.partial(self._finish, step, how, timeout_s)
+            )
         children = [bdf for bdf in self.topology.children(bridge) if kernel.exists(bdf)]
         methods = kernel.read_attribute(children[0], "reset_method") if len(children) == 1 else None
         if methods is not None and "bus" in methods.split():
             how = f"bus reset through {children[0]} (reset_method bus)"
-            child = kernel.start_function_bus_reset(children[0], self.timeout_s)
-            return Pending(step, child, began, functools.partial(self._finish, step, how))
+            child = kernel.start_function_bus_reset(children[0], timeout_s)
+            return Pending(
+                step, child, began, functools.partial(self._finish, step, how, timeout_s)
+            )
         why = (
             f"{len(children)} functions on the bus"
             if len(children) != 1
@@ -68,14 +74,21 @@ class BusResetter:
             return StepOutcome(step, Status.FAILED, "raw SBR refused on PowerNV (bypasses OPAL)")
         return self._raw_secondary_bus_reset(step)
 
-    def _finish(self, step: Step, how: str, result: ChildResult) -> StepOutcome:
+    def _finish(self, step: Step, how: str, timeout_s: float, result: ChildResult) -> StepOutcome:
+        if not result.finished and timeout_s < self.timeout_s:
+            return StepOutcome(
+                step,
+                Status.FAILED,
+                f"{how}: still running when the time limit ran out "
+                f"(after {round(timeout_s, 1):g} s; child {result.pid} abandoned)",
+            )
         if not result.finished:
             # The reset still holds the device locks below the bridge (pci_bus_lock), which
             # the kernel's device_shutdown() at kexec takes too: as bad as a hung unbind.
             return StepOutcome(
                 step,
                 Status.HUNG,
-                f"{how}: no answer within {self.timeout_s:g} s (child {result.pid} abandoned)",
+                f"{how}: no answer within {round(timeout_s, 1):g} s (child {result.pid} abandoned)",
             )
         if result.errno:
             outcome = self._after_reset(step, f"{how} refused: {errno_name(result.errno)}")

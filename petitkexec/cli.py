@@ -42,6 +42,7 @@ from petitkexec.run import Environment, ExecResult, Handoff, HandoffRequest, exe
 from petitkexec.run import teardown as run_teardown
 from petitkexec.settings import SETTINGS, Scope, Settings, load_config, resolve
 from petitkexec.snapshot import facts_to_json, load_snapshot, snapshot_to_json
+from petitkexec.verify import verify_until
 
 EXIT_CODES_HELP = """\b
 Exit codes:
@@ -51,6 +52,7 @@ Exit codes:
   3    preflight refused: nothing was touched
   4    handoff failed: kexec did not take over; the teardown was rolled back
   5    a step hung (an unbind or a reset): no handoff (the kernel's own shutdown would hang too)
+  6    verify: a function did not come back as it was
   70   an unexpected error (a bug); the teardown, if begun, was rolled back
   130  interrupted by SIGINT/SIGTERM: rolled back"""
 
@@ -191,6 +193,80 @@ def snapshot(output: Path | None) -> None:
         click.echo(text)
     else:
         output.write_text(text + "\n")
+
+
+@cli.command(epilog=EXIT_CODES_HELP)
+@click.option(
+    "--against",
+    "snapshot_path",
+    type=click.Path(path_type=Path),
+    required=True,
+    help="The `petitkexec snapshot` taken before the kexec.",
+)
+@click.option(
+    "--wait",
+    "wait_s",
+    type=click.FloatRange(min=0),
+    default=0,
+    metavar="SECONDS",
+    help="Look again until every function is back or this long has passed (drivers may "
+    "still be probing early in boot).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output on stdout.")
+def verify(snapshot_path: Path, wait_s: float, as_json: bool) -> None:
+    """After a kexec: is every PCI function of the snapshot back, with the driver it had?"""
+    before, _facts = load_snapshot(snapshot_path)
+    differences = verify_until(_environment().topology, before, wait_s)
+    failures = [d for d in differences if d.change.is_failure]
+    if as_json:
+        _print_json(
+            {
+                "against": str(snapshot_path),
+                "functions": len(before),
+                "back": not failures,
+                "differences": [
+                    {
+                        "bdf": str(d.bdf),
+                        "change": d.change.value,
+                        "before": d.before,
+                        "after": d.after,
+                    }
+                    for d in differences
+                ],
+            }
+        )
+    for difference in differences:
+        _echo_err(str(difference))
+    _echo_err(
+        f"{len(before) - len(failures)} of {len(before)} functions back as they were"
+        if failures
+        else f"all {len(before)} functions back as they were"
+    )
+    sys.exit(ExitCode.NOT_BACK if failures else ExitCode.OK)
+
+
+@cli.command("install-systemd", epilog=EXIT_CODES_HELP)
+@click.option(
+    "--root",
+    type=click.Path(path_type=Path, file_okay=False),
+    default=Path("/"),
+    show_default=True,
+    help="Install into this root file system (an image being built).",
+)
+@click.option("--print", "print_only", is_flag=True, help="Show the files; write nothing.")
+def install_systemd(root: Path, print_only: bool) -> None:
+    """Install the systemd-shutdown hook (teardown before `systemctl kexec`) and the units
+    that record devices at shutdown and verify them in the next boot."""
+    from petitkexec import install
+
+    command = install.this_command()
+    if print_only:
+        for item in install.files_to_install(command):
+            click.echo(f"# {root / item.path} (mode {item.mode:04o})\n{item.text}")
+        return
+    for line in install.install(root, command):
+        _echo_err(line)
+    _echo_err(f"petitkexec runs as: {command}")
 
 
 def _print_outcome(index: int, total: int, outcome: StepOutcome) -> None:

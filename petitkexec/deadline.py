@@ -40,6 +40,27 @@ class Child:
         return self.started + self.timeout_s
 
 
+@dataclass(frozen=True)
+class Budget:
+    """An overall time limit (--time-limit): each child's deadline is clipped to what is left,
+    so the deadlines of a whole run add up to less than the limit by construction."""
+
+    ends: float | None = None  # time.monotonic(); None: no limit
+
+    @classmethod
+    def of(cls, seconds: float | None) -> Budget:
+        return cls(None if seconds is None else time.monotonic() + seconds)
+
+    def clip(self, timeout_s: float) -> float:
+        if self.ends is None:
+            return timeout_s
+        return max(0.0, min(timeout_s, self.ends - time.monotonic()))
+
+    @property
+    def exhausted(self) -> bool:
+        return self.ends is not None and time.monotonic() >= self.ends
+
+
 def start_child(call: Callable[[], None], timeout_s: float) -> Child:
     """Fork, run `call` in the child; an OSError it raises comes back as the result's errno."""
     read_end, write_end = os.pipe()

@@ -18,6 +18,7 @@ class ExitCode(IntEnum):
     PREFLIGHT_REFUSED = 3  # nothing was touched
     HANDOFF_FAILED = 4  # teardown done, kexec did not take over; rolled back
     HUNG = 5  # an unbind or a reset never returned: handing off would hang the machine
+    NOT_BACK = 6  # verify: a function is missing, unbound or bound to another driver
     INTERNAL = 70  # an error petitkexec did not expect (EX_SOFTWARE); rolled back if needed
     INTERRUPTED = 130  # SIGINT/SIGTERM during teardown; rolled back
 

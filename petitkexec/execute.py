@@ -13,7 +13,7 @@ from types import FrameType
 
 from petitkexec.busmaster import BusMasterClearer
 from petitkexec.busreset import BusResetter
-from petitkexec.deadline import Child, wait_first
+from petitkexec.deadline import Budget, Child, wait_first
 from petitkexec.journal import Journal, UndoResult
 from petitkexec.kernel import Kernel
 from petitkexec.model import Topology
@@ -37,12 +37,17 @@ class Teardown:
     def __post_init__(self) -> None:
         # A rebind runs probe() as an unbind runs remove(): the same deadline suits both.
         self.journal = Journal(undo_timeout_s=self.options.unbind_timeout_s)
+        self.budget = Budget.of(self.options.time_limit_s)
         self.bus_master = BusMasterClearer(self.kernel, self.journal)
         self.unbinder = Unbinder(
-            self.kernel, self.journal, self.bus_master, self.options.unbind_timeout_s
+            self.kernel, self.journal, self.bus_master, self.options.unbind_timeout_s, self.budget
         )
         self.resetter = BusResetter(
-            self.kernel, self.topology, self.options.reset_timeout_s, self.options.raw_sbr
+            self.kernel,
+            self.topology,
+            self.options.reset_timeout_s,
+            self.options.raw_sbr,
+            self.budget,
         )
 
     def run(self) -> TeardownReport:
@@ -50,7 +55,7 @@ class Teardown:
         stopped_because = None
         with self._signals_stop_the_run():
             for _wave, group in itertools.groupby(self.plan.steps, key=lambda step: step.wave):
-                if self.interrupted_by is not None:
+                if self.interrupted_by is not None or self.budget.exhausted:
                     break
                 for outcome in self._run_wave(list(group)):
                     outcomes.append(outcome)
@@ -65,8 +70,10 @@ class Teardown:
             )
         elif self.interrupted_by is not None:
             stopped_because = f"interrupted by {self.interrupted_by}"
+        elif len(outcomes) < len(self.plan.steps) and self.budget.exhausted:
+            stopped_because = f"time limit of {self.options.time_limit_s:g} s reached"
         rollback: tuple[UndoResult, ...] = ()
-        if stopped_because is not None:
+        if stopped_because is not None and self.options.rollback:
             rollback = tuple(self.journal.rollback(self.kernel))
         return TeardownReport(
             tuple(outcomes),
@@ -124,7 +131,7 @@ class Teardown:
 
     def _should_stop(self, results: dict[int, StepOutcome]) -> bool:
         hung = any(outcome.status is Status.HUNG for outcome in results.values())
-        return hung or self.interrupted_by is not None
+        return hung or self.interrupted_by is not None or self.budget.exhausted
 
     @contextmanager
     def _signals_stop_the_run(self) -> Iterator[None]:

@@ -67,7 +67,9 @@ class TeardownReport:
             return ExitCode.HUNG
         if self.interrupted:
             return ExitCode.INTERRUPTED
-        return ExitCode.TEARDOWN_PARTIAL if self.failed else ExitCode.OK
+        # A time limit that ended the run early left some steps undone: partial, like a failure.
+        partial = self.failed or self.stopped_because is not None
+        return ExitCode.TEARDOWN_PARTIAL if partial else ExitCode.OK
 
     @property
     def handoff_safe(self) -> bool:

@@ -168,6 +168,25 @@ SETTINGS = (
         metavar="SECONDS",
     ),
     Setting(
+        "time_limit",
+        "--time-limit",
+        "Bound the whole teardown: no step starts, and no deadline reaches, past this many "
+        "seconds [default: none].",
+        _seconds,
+        Scope.EXECUTE,
+        config_key="time-limit",
+        metavar="SECONDS",
+    ),
+    Setting(
+        "no_rollback",
+        "--no-rollback",
+        "Leave the machine torn down when the run stops early (a hang, a signal, the time "
+        "limit): for callers that hand off regardless, such as systemd-shutdown.",
+        _flag,
+        Scope.EXECUTE,
+        flag=True,
+    ),
+    Setting(
         "jobs",
         "--jobs",
         "Unbind up to this many independent devices side by side (1: one at a time).",
@@ -205,6 +224,8 @@ class ExecutionOptions:
 
     unbind_timeout_s: float = DEFAULT_UNBIND_TIMEOUT_S
     reset_timeout_s: float = DEFAULT_RESET_TIMEOUT_S
+    time_limit_s: float | None = None
+    rollback: bool = True
     jobs: int = DEFAULT_JOBS
     raw_sbr: bool = False
     dry_run: bool = False
@@ -238,14 +259,16 @@ def resolve(
         elif setting.flag:
             values[setting.name] = bool(from_file or from_option)
         else:
-            values[setting.name] = next(
-                v for v in (from_option, from_file, setting.default) if v is not None
-            )
+            values[setting.name] = from_file if from_option is None else from_option
+            if values[setting.name] is None:
+                values[setting.name] = setting.default
     return Settings(
         Policy(values["exclude"], values["only"], values["unprotect"], values["hot_reset"]),
         ExecutionOptions(
             unbind_timeout_s=values["unbind_timeout"],
             reset_timeout_s=values["reset_timeout"],
+            time_limit_s=values["time_limit"],
+            rollback=not values["no_rollback"],
             jobs=values["jobs"],
             raw_sbr=values["raw_sbr"],
             dry_run=values["dry_run"],

@@ -10,11 +10,11 @@ from __future__ import annotations
 import contextlib
 import functools
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from petitkexec.bdf import Bdf
 from petitkexec.busmaster import BusMasterClearer
-from petitkexec.deadline import ChildResult
+from petitkexec.deadline import Budget, ChildResult
 from petitkexec.errors import KernelWriteFailed, errno_name
 from petitkexec.journal import Journal, Undo, UndoKind
 from petitkexec.kernel import Kernel
@@ -28,6 +28,7 @@ class Unbinder:
     journal: Journal
     bus_master: BusMasterClearer
     timeout_s: float
+    budget: Budget = field(default_factory=Budget)
 
     def begin(self, step: Step) -> StepOutcome | Pending:
         bdf, kernel, began = step.bdf, self.kernel, time.monotonic()
@@ -47,8 +48,9 @@ class Unbinder:
             return StepOutcome(
                 step, Status.FAILED, f"driver_override: {error}", driver_after=driver
             )
-        child = kernel.start_unbind(bdf, driver, self.timeout_s)
-        finish = functools.partial(self._finish, step, driver, original_override, numvfs)
+        timeout_s = self.budget.clip(self.timeout_s)
+        child = kernel.start_unbind(bdf, driver, timeout_s)
+        finish = functools.partial(self._finish, step, driver, original_override, numvfs, timeout_s)
         return Pending(step, child, began, finish)
 
     def _finish(
@@ -57,14 +59,24 @@ class Unbinder:
         driver: str,
         original_override: str | None,
         numvfs: int | None,
+        timeout_s: float,
         result: ChildResult,
     ) -> StepOutcome:
         bdf, kernel = step.bdf, self.kernel
+        if not result.finished and timeout_s < self.timeout_s:
+            # Cut short by --time-limit, not past its own deadline: slow, not known to hang.
+            return StepOutcome(
+                step,
+                Status.FAILED,
+                f"{driver} remove() still running when the time limit ran out "
+                f"(after {round(timeout_s, 1):g} s; child {result.pid} abandoned)",
+                driver_after=kernel.driver(bdf),
+            )
         if not result.finished:
             return StepOutcome(
                 step,
                 Status.HUNG,
-                f"{driver} remove() did not return within {self.timeout_s:g} s "
+                f"{driver} remove() did not return within {round(timeout_s, 1):g} s "
                 f"(child {result.pid} abandoned; {step.reason})",
                 driver_after=kernel.driver(bdf),
             )

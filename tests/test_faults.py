@@ -10,6 +10,7 @@ import json
 import os
 import signal
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -409,3 +410,44 @@ def test_18_a_failed_handoff_brings_the_vfs_back_with_their_drivers(
     assert result.exit_code == ExitCode.HANDOFF_FAILED
     assert f"rollback: restore 2 VFs on {NVME_PF}: ok" in result.stderr
     assert sim.driver_of("0000:01:00.1") == "nvme" and sim.driver_of("0000:01:00.2") == "nvme"
+
+
+# The systemd hook's bounds: a whole run inside --time-limit, and nothing undone with
+# --no-rollback (systemd hands off regardless once it gave up on the hook).
+def test_a_time_limit_bounds_the_whole_run_and_no_rollback_leaves_it_as_it_is(
+    tmp_path: Path,
+) -> None:
+    functions = [
+        SimFunction(f"0000:00:{slot:02x}.0", driver="e1000e", remove_seconds=0.4)
+        for slot in range(2, 8)
+    ]
+    sim = SimKernel(tmp_path / "sys", functions)
+    began = time.monotonic()
+    result = invoke(
+        environment(sim, tmp_path),
+        "teardown",
+        "--jobs",
+        "1",
+        "--time-limit",
+        "1",
+        "--no-rollback",
+        "--json",
+    )
+    elapsed = time.monotonic() - began
+    report = json.loads(result.stdout)
+    assert result.exit_code == ExitCode.TEARDOWN_PARTIAL
+    assert report["stopped_because"] == "time limit of 1 s reached"
+    assert elapsed < 2.0  # the limit, plus start-up and the step in flight when it ran out
+    unbound = report["summary"]["unbound"]
+    assert 1 <= len(unbound) < len(functions) and report["rollback"] == []
+    assert all(sim.driver_of(bdf) is None for bdf in unbound)  # not rolled back
+
+
+def test_a_step_cut_short_by_the_time_limit_fails_but_is_not_called_hung(
+    tmp_path: Path,
+) -> None:
+    slow = SimFunction("0000:00:02.0", driver="e1000e", remove_seconds=3)
+    sim = SimKernel(tmp_path / "sys", [slow])
+    result = invoke(environment(sim, tmp_path), "teardown", "--time-limit", "0.5")
+    assert result.exit_code == ExitCode.TEARDOWN_PARTIAL
+    assert "remove() still running when the time limit ran out (after 0.5 s" in result.stderr

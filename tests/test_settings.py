@@ -157,6 +157,7 @@ def test_every_config_key_is_a_setting_with_an_option() -> None:
         "hot-reset",
         "unbind-timeout",
         "reset-timeout",
+        "time-limit",
         "jobs",
         "raw-sbr",
     }
