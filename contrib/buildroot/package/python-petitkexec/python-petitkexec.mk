@@ -26,4 +26,11 @@ PYTHON_PETITKEXEC_OVERRIDE_SRCDIR_RSYNC_EXCLUSIONS = \
 	--exclude /.mypy_cache --exclude /.ruff_cache --exclude /.pytest_cache \
 	--exclude '*.egg-info' --exclude __pycache__
 
+# busybox init's restart action for petitboot (contrib/petitboot/README.md).
+define PYTHON_PETITKEXEC_INSTALL_RESTART
+	$(INSTALL) -D -m 0755 $(@D)/contrib/petitboot/petitkexec-restart \
+		$(TARGET_DIR)/usr/libexec/petitkexec/petitkexec-restart
+endef
+PYTHON_PETITKEXEC_POST_INSTALL_TARGET_HOOKS += PYTHON_PETITKEXEC_INSTALL_RESTART
+
 $(eval $(python-package))
