@@ -9,16 +9,19 @@ from __future__ import annotations
 
 # What driver_override_show() prints when no override is set.
 NO_OVERRIDE = "(null)"
+HEX_DIGITS = frozenset("0123456789abcdef")
 
 
 def parse_hex(text: str | None) -> int | None:
     """`vendor`, `device`, `class`: `0x8086\\n`."""
     if text is None:
         return None
-    try:
-        return int(text.strip(), 16)
-    except ValueError:
+    value = text.strip().lower()
+    digits = value.removeprefix("0x")
+    # int(x, 16) would also take a sign, underscores and other scripts' digits.
+    if not digits or not all(character in HEX_DIGITS for character in digits):
         return None
+    return int(digits, 16)
 
 
 def parse_count(text: str | None) -> int | None:

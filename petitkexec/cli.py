@@ -352,8 +352,7 @@ def exec_command(
             append,
             reuse_cmdline,
             dtb,
-            # kexec_file_load (-s) is the only loader integrity lockdown allows.
-            file_load=prepared.facts.config_writes_blocked,
+            file_load=prepared.facts.needs_file_load,
         )
     request = HandoffRequest(kexec, syscall, strict, kexec_args, load)
     result = exec_(environment, prepared, request, _print_outcome, _handing_off)

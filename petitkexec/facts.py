@@ -14,7 +14,9 @@ from pathlib import Path
 
 from petitkexec.bdf import Bdf
 from petitkexec.errors import PreflightRefused
+from petitkexec.inuse import functions_in_use, live_update_active
 from petitkexec.model import SystemFacts
+from petitkexec.watchdog import watchdogs
 
 
 @dataclass(frozen=True)
@@ -56,23 +58,49 @@ def read_mounts(proc_root: Path) -> list[Mount]:
 
 
 def gather_facts(sysfs_root: Path, proc_root: Path = Path("/proc")) -> SystemFacts:
+    live_update = live_update_active(proc_root)
     return SystemFacts(
-        needed=needed_functions(sysfs_root, proc_root),
+        needed=needed_functions(sysfs_root, proc_root, live_update),
         lockdown=read_lockdown(sysfs_root),
         kexec_loaded=read_kexec_loaded(sysfs_root),
+        live_update=live_update,
     )
 
 
-def needed_functions(sysfs_root: Path, proc_root: Path) -> dict[Bdf, str]:
+def needed_functions(
+    sysfs_root: Path, proc_root: Path, live_update: str | None = None
+) -> dict[Bdf, str]:
     """Map each PCI function the running system needs to why, first reason wins."""
     needed: dict[Bdf, str] = {}
-    for bdf, reason in _mount_needs(sysfs_root, proc_root):
-        needed.setdefault(bdf, reason)
-    for bdf, reason in _swap_needs(sysfs_root, proc_root):
-        needed.setdefault(bdf, reason)
-    for bdf, reason in _console_needs(sysfs_root):
-        needed.setdefault(bdf, reason)
+    for needs in (
+        _mount_needs(sysfs_root, proc_root),
+        _swap_needs(sysfs_root, proc_root),
+        _console_needs(sysfs_root),
+        ((use.bdf, str(use)) for use in functions_in_use(sysfs_root, proc_root)),
+        _live_update_needs(sysfs_root, live_update),
+        _watchdog_needs(sysfs_root),
+    ):
+        for bdf, reason in needs:
+            needed.setdefault(bdf, reason)
     return needed
+
+
+def _live_update_needs(sysfs_root: Path, live_update: str | None) -> Iterator[tuple[Bdf, str]]:
+    """Under Live Update, vfio-pci devices may be preserved across the kexec with their DMA
+    running (and no sysfs list says which): none of them may be touched."""
+    if live_update is None:
+        return
+    for entry in _entries(sysfs_root / "bus" / "pci" / "drivers" / "vfio-pci"):
+        if entry.is_symlink() and (bdf := Bdf.innermost_in(entry.name)):
+            yield bdf, f"vfio-pci under Live Update ({live_update})"
+
+
+def _watchdog_needs(sysfs_root: Path) -> Iterator[tuple[Bdf, str]]:
+    """A running hardware watchdog is what resets a machine whose next kernel hangs;
+    unbinding its driver may stop it (watchdog_stop_on_unregister())."""
+    for watchdog in watchdogs(sysfs_root):
+        if watchdog.active and watchdog.bdf is not None:
+            yield watchdog.bdf, f"hardware watchdog {watchdog.name} is running"
 
 
 def _mount_needs(sysfs_root: Path, proc_root: Path) -> Iterator[tuple[Bdf, str]]:

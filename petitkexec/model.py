@@ -146,6 +146,13 @@ class SystemFacts:
     needed: Mapping[Bdf, str] = field(default_factory=dict)
     lockdown: str | None = None  # "none", "integrity", "confidentiality"; None if not exposed
     kexec_loaded: bool | None = None
+    live_update: str | None = None  # why Live Update may preserve devices, None if inactive
+
+    @property
+    def needs_file_load(self) -> bool:
+        """kexec_file_load (-s): the only loader integrity lockdown allows, and the only one
+        Kexec HandOver (Live Update) works with."""
+        return self.config_writes_blocked or self.live_update is not None
 
     @property
     def config_writes_blocked(self) -> bool:

@@ -88,6 +88,7 @@ def facts_to_json(facts: SystemFacts) -> dict[str, Any]:
         "needed": {str(bdf): why for bdf, why in sorted(facts.needed.items())},
         "lockdown": facts.lockdown,
         "kexec_loaded": facts.kexec_loaded,
+        "live_update": facts.live_update,
     }
 
 
@@ -100,6 +101,10 @@ def facts_from_json(data: dict[str, Any]) -> SystemFacts:
         needed={Bdf.parse(bdf): reason for bdf, reason in needed.items()},
         lockdown=_typed(data, "lockdown", str, optional=True),
         kexec_loaded=_typed(data, "kexec_loaded", bool, optional=True),
+        # Absent from the snapshots of earlier versions: inactive.
+        live_update=(
+            _typed(data, "live_update", str, optional=True) if "live_update" in data else None
+        ),
     )
 
 

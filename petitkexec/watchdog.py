@@ -1,0 +1,80 @@
+"""Hardware watchdogs: the ones already running, and arming one for the handoff.
+
+A watchdog armed across a kexec (systemd's KExecWatchdogSec=, or --watchdog here) is what
+resets a machine whose next kernel hangs. Unbinding its driver stops it when the driver asked
+for watchdog_stop_on_unregister() (i6300esb does), and drivers that asked for
+watchdog_stop_on_reboot() stop it at the kexec itself, unless the running kernel was booted
+with watchdog.stop_on_reboot=0.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from petitkexec.bdf import Bdf
+
+# include/uapi/linux/watchdog.h
+WDIOC_KEEPALIVE = 0x80045705  # _IOR('W', 5, int)
+WDIOC_SETTIMEOUT = 0xC0045706  # _IOWR('W', 6, int)
+# PCI watchdog drivers seen calling watchdog_stop_on_reboot() in esb_probe()
+# (drivers/watchdog/i6300esb.c): their watchdog dies at the kexec unless the kernel runs with
+# watchdog.stop_on_reboot=0. Others are not known to; add them with their source.
+STOPS_ON_REBOOT = frozenset({"i6300esb"})
+
+
+@dataclass(frozen=True)
+class Watchdog:
+    name: str  # watchdog0
+    bdf: Bdf | None  # the PCI function it belongs to, None for a platform watchdog
+    driver: str | None
+    active: bool
+
+    @property
+    def node(self) -> str:
+        return f"/dev/{self.name}"
+
+
+def watchdogs(sysfs_root: Path) -> Iterator[Watchdog]:
+    for entry in sorted((sysfs_root / "class" / "watchdog").glob("watchdog*")):
+        try:
+            state = (entry / "state").read_text().strip()
+        except OSError:
+            state = ""
+        try:
+            device = (entry / "device").resolve(strict=True)
+            driver: str | None = os.path.basename(os.readlink(device / "driver"))
+        except OSError:
+            device, driver = entry, None
+        yield Watchdog(entry.name, Bdf.innermost_in(str(device)), driver, state == "active")
+
+
+def stop_on_reboot(sysfs_root: Path, watchdog: Watchdog) -> str | None:
+    """Why the running kernel would stop this watchdog at the kexec, or None if it won't."""
+    try:
+        setting = sysfs_root / "module" / "watchdog" / "parameters" / "stop_on_reboot"
+        value = setting.read_text().strip()
+    except OSError:
+        value = "-1"  # the parameter's default: each driver decides
+    if value == "1":
+        return "watchdog.stop_on_reboot=1"
+    if value == "0":
+        return None
+    if watchdog.driver in STOPS_ON_REBOOT:
+        return f"{watchdog.driver} stops it on reboot (boot with watchdog.stop_on_reboot=0)"
+    return None
+
+
+def arm(watchdog: Watchdog, timeout_s: int) -> None:
+    """Start it with `timeout_s` and leave it running: closing without the magic 'V' keeps
+    a watchdog going (watchdog_release: "watchdog did not stop!")."""
+    fd = os.open(watchdog.node, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        fcntl.ioctl(fd, WDIOC_SETTIMEOUT, struct.pack("i", timeout_s))
+        fcntl.ioctl(fd, WDIOC_KEEPALIVE, struct.pack("i", 0))
+    finally:
+        os.close(fd)

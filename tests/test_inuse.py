@@ -1,0 +1,182 @@
+"""Devices in use by processes, Live Update and watchdogs, on a fake sysfs and /proc whose
+processes hold file descriptors (symbolic links named as the kernel shows them)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from petitkexec.bdf import Bdf
+from petitkexec.facts import gather_facts
+from petitkexec.inuse import functions_in_use
+from petitkexec.model import Topology
+from petitkexec.plan import Action, build_plan
+from petitkexec.watchdog import Watchdog, stop_on_reboot, watchdogs
+from tests.builders import bridge, endpoint, policy_of
+from tests.test_facts import FakeMachine
+
+GPU = "0000:41:00.0"
+NVME = "0000:01:00.0"
+
+
+@pytest.fixture
+def machine(tmp_path: Path) -> FakeMachine:
+    return FakeMachine(tmp_path)
+
+
+def device_node(machine: FakeMachine, kind: str, number: str, relative: str, name: str) -> None:
+    """A device below a PCI function with its /sys/dev/KIND/MAJ:MIN link and DEVNAME."""
+    directory = machine.directory(relative)
+    (directory / "uevent").write_text(f"MAJOR={number.split(':')[0]}\nDEVNAME={name}\n")
+    machine.link(machine.sys / "dev" / kind / number, directory)
+
+
+def process(machine: FakeMachine, pid: int, comm: str, fds: dict[int, tuple[str, int]]) -> None:
+    """A process holding each fd open on (path, open flags in octal)."""
+    directory = machine.proc / str(pid)
+    (directory / "fd").mkdir(parents=True)
+    (directory / "fdinfo").mkdir()
+    (directory / "comm").write_text(comm + "\n")
+    for fd, (target, flags) in fds.items():
+        os.symlink(target, directory / "fd" / str(fd))
+        (directory / "fdinfo" / str(fd)).write_text(f"pos:\t0\nflags:\t{flags:07o}\n")
+
+
+def test_a_gpu_held_open_is_protected_naming_the_process(machine: FakeMachine) -> None:
+    gpus = machine.proc / "driver" / "nvidia" / "gpus" / GPU
+    gpus.mkdir(parents=True)
+    (gpus / "information").write_text("Model: H100\nDevice Minor: 0\n")
+    process(machine, 4242, "python3", {0: ("/dev/null", 0o2), 5: ("/dev/nvidia0", 0o2)})
+    process(machine, 7, "bash", {0: ("/dev/pts/0", 0o2)})
+    facts = gather_facts(machine.sys, machine.proc)
+    assert facts.needed == {Bdf.parse(GPU): "in use: /dev/nvidia0 by pid 4242 python3"}
+    plan = build_plan(
+        Topology.from_functions([endpoint(GPU, "nvidia", class_code=0x030200)]),
+        policy_of(),
+        facts,
+    )
+    assert str(plan.decision(Bdf.parse(GPU))) == (
+        "protect (in use: /dev/nvidia0 by pid 4242 python3)"
+    )
+
+
+def test_a_disk_open_for_writing_is_in_use_but_not_one_open_for_reading(
+    machine: FakeMachine,
+) -> None:
+    device_node(
+        machine, "block", "259:0", f"pci0000:00/0000:00:1c.0/{NVME}/nvme/nvme0/nvme0n1", "nvme0n1"
+    )
+    process(machine, 10, "dd", {3: ("/dev/nvme0n1", 0o100001)})  # O_WRONLY | O_LARGEFILE
+    process(machine, 11, "blkid", {3: ("/dev/nvme0n1", 0o100000)})  # O_RDONLY
+    uses = functions_in_use(machine.sys, machine.proc)
+    assert [str(use) for use in uses] == ["in use: /dev/nvme0n1 by pid 10 dd"]
+
+
+def test_an_nvme_character_device_and_a_drm_node_lead_to_their_functions(
+    machine: FakeMachine,
+) -> None:
+    device_node(machine, "char", "240:0", f"pci0000:00/0000:00:1c.0/{NVME}/nvme/nvme0", "nvme0")
+    device_node(machine, "char", "226:0", f"pci0000:00/{GPU}/drm/card0", "dri/card0")
+    process(machine, 20, "nvme", {3: ("/dev/nvme0", 0o2)})
+    process(machine, 21, "Xorg", {9: ("/dev/dri/card0", 0o2)})
+    uses = {str(use.bdf): use.node for use in functions_in_use(machine.sys, machine.proc)}
+    assert uses == {NVME: "/dev/nvme0", GPU: "/dev/dri/card0"}
+
+
+def test_an_open_vfio_group_protects_every_function_of_its_iommu_group(
+    machine: FakeMachine,
+) -> None:
+    device_node(machine, "char", "511:0", "virtual/vfio/noiommu-0", "vfio/noiommu-0")
+    group = machine.sys / "kernel" / "iommu_groups" / "0" / "devices"
+    for bdf in ("0000:06:01.0", "0000:06:01.1"):
+        machine.link(group / bdf, machine.directory(f"pci0000:00/0000:00:05.0/{bdf}"))
+    process(machine, 30, "qemu-system-x86", {12: ("/dev/vfio/noiommu-0", 0o2)})
+    facts = gather_facts(machine.sys, machine.proc)
+    assert facts.needed == {
+        Bdf.parse("0000:06:01.0"): "in use: /dev/vfio/noiommu-0 by pid 30 qemu-system-x86",
+        Bdf.parse("0000:06:01.1"): "in use: /dev/vfio/noiommu-0 by pid 30 qemu-system-x86",
+    }
+
+
+def test_live_update_protects_every_vfio_pci_function_and_asks_for_kexec_s(
+    machine: FakeMachine,
+) -> None:
+    (machine.proc / "cmdline").write_text("root=/dev/sda1 liveupdate=on\n")
+    drivers = machine.sys / "bus" / "pci" / "drivers" / "vfio-pci"
+    machine.link(drivers / "0000:06:01.0", machine.directory("pci0000:00/0000:06:01.0"))
+    facts = gather_facts(machine.sys, machine.proc)
+    assert facts.live_update == "liveupdate=on on the kernel command line"
+    assert facts.needed == {
+        Bdf.parse("0000:06:01.0"): "vfio-pci under Live Update (liveupdate=on on the kernel "
+        "command line)"
+    }
+    assert facts.needs_file_load
+
+
+def test_live_update_is_also_the_agent_holding_dev_liveupdate(machine: FakeMachine) -> None:
+    process(machine, 1, "luod", {4: ("/dev/liveupdate", 0o2)})
+    assert gather_facts(machine.sys, machine.proc).live_update == (
+        "/dev/liveupdate held by pid 1 luod"
+    )
+
+
+def test_a_protected_function_keeps_every_bridge_above_it_out_of_a_hot_reset(
+    machine: FakeMachine,
+) -> None:
+    gpus = machine.proc / "driver" / "nvidia" / "gpus" / GPU
+    gpus.mkdir(parents=True)
+    (gpus / "information").write_text("Device Minor: 1\n")
+    process(machine, 99, "nvidia-persiste", {3: ("/dev/nvidia1", 0o2)})
+    topology = Topology.from_functions(
+        [bridge("0000:40:01.0"), endpoint(GPU, "nvidia", parent="0000:40:01.0")]
+    )
+    plan = build_plan(topology, policy_of(hot_reset=True), gather_facts(machine.sys, machine.proc))
+    assert plan.decision(Bdf.parse("0000:40:01.0")).action is Action.PROTECT
+    assert plan.with_action(Action.RESET_BUS) == ()
+
+
+def watchdog_device(machine: FakeMachine, bdf: str, driver: str, state: str) -> None:
+    function = machine.directory(f"pci0000:00/{bdf}")
+    machine.link(function / "driver", machine.sys / "bus" / "pci" / "drivers" / driver)
+    (machine.sys / "bus" / "pci" / "drivers" / driver).mkdir(parents=True, exist_ok=True)
+    real = machine.directory(f"pci0000:00/{bdf}/watchdog/watchdog0")
+    machine.link(machine.sys / "class" / "watchdog" / "watchdog0", real)
+    (real / "state").write_text(state + "\n")
+    machine.link(real / "device", function)
+
+
+def test_a_running_watchdog_is_protected(machine: FakeMachine) -> None:
+    watchdog_device(machine, "0000:00:0b.0", "i6300esb", "active")
+    assert gather_facts(machine.sys, machine.proc).needed == {
+        Bdf.parse("0000:00:0b.0"): "hardware watchdog watchdog0 is running"
+    }
+
+
+def test_a_stopped_watchdog_is_not_protected(machine: FakeMachine) -> None:
+    watchdog_device(machine, "0000:00:0b.0", "i6300esb", "inactive")
+    assert gather_facts(machine.sys, machine.proc).needed == {}
+    (watchdog,) = watchdogs(machine.sys)
+    assert watchdog == Watchdog("watchdog0", Bdf.parse("0000:00:0b.0"), "i6300esb", False)
+
+
+@pytest.mark.parametrize(
+    ("parameter", "driver", "stops"),
+    [
+        (None, "i6300esb", True),
+        ("-1", "i6300esb", True),
+        ("0", "i6300esb", False),
+        ("1", "other_wdt", True),
+        ("-1", "other_wdt", False),
+    ],
+)
+def test_whether_the_kernel_stops_a_watchdog_at_kexec(
+    machine: FakeMachine, parameter: str | None, driver: str, stops: bool
+) -> None:
+    if parameter is not None:
+        parameters = machine.sys / "module" / "watchdog" / "parameters"
+        parameters.mkdir(parents=True)
+        (parameters / "stop_on_reboot").write_text(parameter + "\n")
+    watchdog = Watchdog("watchdog0", None, driver, True)
+    assert (stop_on_reboot(machine.sys, watchdog) is not None) is stops
