@@ -19,6 +19,7 @@ from petitkexec.errors import (
     INTERNAL_HINT,
     ExitCode,
     PetitkexecError,
+    PreflightRefused,
     RolledBack,
     UsageError,
     describe_exception,
@@ -38,11 +39,20 @@ from petitkexec.render import (
     rollback_lines,
     rollback_to_json,
 )
-from petitkexec.run import Environment, ExecResult, Handoff, HandoffRequest, exec_, prepare
+from petitkexec.run import (
+    ArmedWatchdog,
+    Environment,
+    ExecResult,
+    Handoff,
+    HandoffRequest,
+    exec_,
+    prepare,
+)
 from petitkexec.run import teardown as run_teardown
 from petitkexec.settings import SETTINGS, Scope, Settings, load_config, resolve
 from petitkexec.snapshot import facts_to_json, load_snapshot, snapshot_to_json
 from petitkexec.verify import verify_until
+from petitkexec.watchdog import Watchdog
 
 EXIT_CODES_HELP = """\b
 Exit codes:
@@ -317,6 +327,14 @@ def teardown(as_json: bool, **given: Any) -> None:
     "kexec-tools; --load still needs a binary).",
 )
 @click.option("--strict", is_flag=True, help="Do not hand off if any teardown step failed.")
+@click.option(
+    "--watchdog",
+    "watchdog_s",
+    type=click.IntRange(min=1),
+    metavar="SECONDS",
+    help="Start the hardware watchdog with this timeout right before the handoff, so that a "
+    "next kernel that hangs is reset (refused when the kernel would stop it at the kexec).",
+)
 @click.argument("kexec_args", nargs=-1, type=click.UNPROCESSED)
 def exec_command(
     load_kernel: Path | None,
@@ -327,6 +345,7 @@ def exec_command(
     kexec_path: str | None,
     syscall: bool,
     strict: bool,
+    watchdog_s: int | None,
     kexec_args: tuple[str, ...],
     as_json: bool,
     **given: Any,
@@ -343,7 +362,11 @@ def exec_command(
     if kexec_path is not None and kexec is None:
         raise UsageError("--kexec", kexec_path, "is not an executable file")
     environment = _environment()
-    prepared = prepare(environment, _settings(given))
+    watchdog = None
+    if watchdog_s is not None:
+        watchdog = ArmedWatchdog(_the_watchdog(environment), watchdog_s)
+    settings = _settings(given)
+    prepared = prepare(environment, settings, watchdog.protection if watchdog else None)
     load = None
     if load_kernel is not None:
         load = LoadRequest(
@@ -354,10 +377,19 @@ def exec_command(
             dtb,
             file_load=prepared.facts.needs_file_load,
         )
-    request = HandoffRequest(kexec, syscall, strict, kexec_args, load)
+    request = HandoffRequest(kexec, syscall, strict, kexec_args, load, watchdog)
     result = exec_(environment, prepared, request, _print_outcome, _handing_off)
     _print_exec_result(result, as_json)
     sys.exit(result.exit_code)
+
+
+def _the_watchdog(environment: Environment) -> Watchdog:
+    from petitkexec.watchdog import watchdogs
+
+    found = next(watchdogs(environment.sysfs_root), None)
+    if found is None:
+        raise PreflightRefused("--watchdog: this machine has no hardware watchdog")
+    return found
 
 
 def _handing_off(report: TeardownReport, command: str) -> None:
@@ -374,6 +406,8 @@ def _print_exec_result(result: ExecResult, as_json: bool) -> None:
         )
         for line in rollback_lines(result.rollback):
             _echo_err(line)
+        if result.watchdog_after is not None:
+            _echo_err(f"watchdog: {result.watchdog_after}")
     else:
         _print_report(result.report)
         if result.handoff is Handoff.DRY_RUN:

@@ -6,13 +6,15 @@ failed handoff, a signal, a hung step, and any exception at all, ours or not.
 
 from __future__ import annotations
 
+import dataclasses
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 
+from petitkexec.bdf import Bdf
 from petitkexec.errors import ExitCode, PreflightRefused, RolledBack
 from petitkexec.execute import OutcomeCallback, Teardown
 from petitkexec.facts import gather_facts
@@ -25,6 +27,7 @@ from petitkexec.outcome import TeardownReport
 from petitkexec.plan import Plan, build_plan
 from petitkexec.preflight import PreflightInput, check_can_hand_off, check_can_tear_down
 from petitkexec.settings import Settings
+from petitkexec.watchdog import Watchdog, arm, disarm, stop_on_reboot
 
 
 @dataclass
@@ -61,10 +64,16 @@ class Prepared:
     settings: Settings
 
 
-def prepare(environment: Environment, settings: Settings) -> Prepared:
+def prepare(
+    environment: Environment, settings: Settings, also_needed: Mapping[Bdf, str] | None = None
+) -> Prepared:
+    """Discover and plan; `also_needed` adds functions the command itself needs (the
+    watchdog --watchdog arms)."""
     log = get_logger("petitkexec")
     with timed(log, "discovered") as fields:
         topology, facts = environment.topology(), environment.facts()
+        if also_needed:
+            facts = dataclasses.replace(facts, needed={**also_needed, **facts.needed})
         fields.update(functions=len(topology), needed=len(facts.needed), lockdown=facts.lockdown)
     with timed(log, "planned") as fields:
         plan = build_plan(topology, settings.policy, facts)
@@ -93,12 +102,28 @@ class Handoff(Enum):
 
 
 @dataclass(frozen=True)
+class ArmedWatchdog:
+    """--watchdog: a hardware watchdog started right before the handoff, so that a next
+    kernel that hangs is reset."""
+
+    watchdog: Watchdog
+    timeout_s: int
+
+    @property
+    def protection(self) -> dict[Bdf, str]:
+        if self.watchdog.bdf is None:
+            return {}
+        return {self.watchdog.bdf: f"{self.watchdog.name} armed for the handoff by --watchdog"}
+
+
+@dataclass(frozen=True)
 class HandoffRequest:
     kexec: str | None  # the absolute path preflight resolved, None if there is none
     syscall: bool = False  # reboot(LINUX_REBOOT_CMD_KEXEC) instead of `kexec -e`
     strict: bool = False
     kexec_args: tuple[str, ...] = ()
     load: LoadRequest | None = None
+    watchdog: ArmedWatchdog | None = None
 
     @property
     def binary(self) -> str | None:
@@ -117,6 +142,7 @@ class ExecResult:
     command: str
     failure: HandoffResult | None = None
     rollback: tuple[UndoResult, ...] = ()
+    watchdog_after: str | None = None  # what became of --watchdog's watchdog after a failure
 
     @property
     def exit_code(self) -> ExitCode:
@@ -147,6 +173,14 @@ def exec_(
             0 if dry_run else environment.euid,
         )
     )
+    if request.watchdog is not None:
+        why = stop_on_reboot(environment.sysfs_root, request.watchdog.watchdog)
+        if why is not None:
+            raise PreflightRefused(
+                f"--watchdog: the running kernel would stop {request.watchdog.watchdog.name} "
+                f"at the kexec: {why}",
+                hint="nothing was touched; without --watchdog a hung next kernel is not reset",
+            )
     if request.load is not None and not dry_run:
         assert request.kexec is not None  # preflight refuses --load without a binary
         failure = load(request.load, request.kexec)
@@ -167,10 +201,23 @@ def exec_(
             return ExecResult(report, Handoff.WITHHELD, command)
         if on_handing_off is not None:
             on_handing_off(report, command)
+        if request.watchdog is not None:
+            arm(request.watchdog.watchdog, request.watchdog.timeout_s)
         failure = execute_loaded_kernel(request.binary, request.kexec_args)
         # Still here: kexec refused. Put the devices back so a bootloader menu or shell works.
         rollback = tuple(run.journal.rollback(environment.kernel()))
-        return ExecResult(report, Handoff.FAILED, command, failure, rollback)
+        watchdog_after = None
+        if request.watchdog is not None:
+            watchdog_after = _disarm(request.watchdog.watchdog)
+        return ExecResult(report, Handoff.FAILED, command, failure, rollback, watchdog_after)
+
+
+def _disarm(watchdog: Watchdog) -> str:
+    try:
+        disarm(watchdog)
+    except OSError as error:
+        return f"{watchdog.name} could not be stopped ({error.strerror}): it will reset the machine"
+    return f"{watchdog.name} stopped again (unless its driver was loaded with nowayout)"
 
 
 def _teardown(

@@ -69,6 +69,16 @@ def stop_on_reboot(sysfs_root: Path, watchdog: Watchdog) -> str | None:
     return None
 
 
+def disarm(watchdog: Watchdog) -> None:
+    """Stop it again (the magic close: write 'V', then close). A driver loaded with
+    nowayout keeps it running whatever we write; the caller says so."""
+    fd = os.open(watchdog.node, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        os.write(fd, b"V")
+    finally:
+        os.close(fd)
+
+
 def arm(watchdog: Watchdog, timeout_s: int) -> None:
     """Start it with `timeout_s` and leave it running: closing without the magic 'V' keeps
     a watchdog going (watchdog_release: "watchdog did not stop!")."""

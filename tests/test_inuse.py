@@ -8,13 +8,18 @@ from pathlib import Path
 
 import pytest
 
+import petitkexec.run
 from petitkexec.bdf import Bdf
+from petitkexec.errors import ExitCode
 from petitkexec.facts import gather_facts
 from petitkexec.inuse import functions_in_use
 from petitkexec.model import Topology
 from petitkexec.plan import Action, build_plan
 from petitkexec.watchdog import Watchdog, stop_on_reboot, watchdogs
 from tests.builders import bridge, endpoint, policy_of
+from tests.clirun import environment, fake_kexec, invoke
+from tests.conftest import SimFactory, q35_like
+from tests.simkernel import SimFunction, SimKernel
 from tests.test_facts import FakeMachine
 
 GPU = "0000:41:00.0"
@@ -180,3 +185,47 @@ def test_whether_the_kernel_stops_a_watchdog_at_kexec(
         (parameters / "stop_on_reboot").write_text(parameter + "\n")
     watchdog = Watchdog("watchdog0", None, driver, True)
     assert (stop_on_reboot(machine.sys, watchdog) is not None) is stops
+
+
+def sim_watchdog(sim: SimKernel, bdf: str, stop_on_reboot_parameter: str) -> None:
+    real = sim.device_dir(bdf).resolve() / "watchdog" / "watchdog0"
+    real.mkdir(parents=True)
+    (real / "state").write_text("inactive\n")
+    (real / "device").symlink_to(os.path.relpath(sim.device_dir(bdf).resolve(), real))
+    (sim.root / "class" / "watchdog").mkdir(parents=True)
+    (sim.root / "class" / "watchdog" / "watchdog0").symlink_to(real)
+    parameters = sim.root / "module" / "watchdog" / "parameters"
+    parameters.mkdir(parents=True)
+    (parameters / "stop_on_reboot").write_text(stop_on_reboot_parameter + "\n")
+
+
+WATCHDOG_MACHINE = [SimFunction("0000:00:0b.0", 0x8086, 0x25AB, 0x088000, driver="i6300esb")]
+
+
+def test_watchdog_is_refused_when_the_kernel_would_stop_it_at_kexec(
+    make_sim: SimFactory, tmp_path: Path
+) -> None:
+    sim = make_sim([*q35_like(), *WATCHDOG_MACHINE])
+    sim_watchdog(sim, "0000:00:0b.0", "-1")
+    kexec = str(fake_kexec(tmp_path, sim))
+    result = invoke(environment(sim, tmp_path), "exec", "--watchdog", "30", "--kexec", kexec)
+    assert result.exit_code == ExitCode.PREFLIGHT_REFUSED
+    assert "i6300esb stops it on reboot (boot with watchdog.stop_on_reboot=0)" in result.stderr
+    assert sim.writes() == []
+
+
+def test_watchdog_is_armed_right_before_the_handoff_and_its_device_left_alone(
+    make_sim: SimFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sim = make_sim([*q35_like(), *WATCHDOG_MACHINE])
+    sim_watchdog(sim, "0000:00:0b.0", "0")
+    events: list[str] = []
+    monkeypatch.setattr(petitkexec.run, "arm", lambda w, s: events.append(f"arm {w.name} {s}"))
+    monkeypatch.setattr(petitkexec.run, "disarm", lambda w: events.append(f"disarm {w.name}"))
+    kexec = str(fake_kexec(tmp_path, sim))
+    result = invoke(environment(sim, tmp_path), "exec", "--watchdog", "30", "--kexec", kexec)
+    assert result.exit_code == ExitCode.HANDOFF_FAILED  # the stand-in kexec returns
+    assert events == ["arm watchdog0 30", "disarm watchdog0"]
+    assert "held: watchdog0 armed for the handoff by --watchdog" in result.stderr
+    assert "watchdog: watchdog0 stopped again" in result.stderr
+    assert not any("0000:00:0b.0" in w["path"] for w in sim.writes())

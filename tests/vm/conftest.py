@@ -19,7 +19,9 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from tests.vm import guest, image  # noqa: E402
+from tests.vm import guest  # noqa: E402
+from tests.vm.images.build import Images, current_images  # noqa: E402
+from tests.vm.images.lanes import X86, Lane  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 HOST_TOOLS = (
@@ -30,6 +32,7 @@ HOST_TOOLS = (
     "depmod",
     "ldconfig",
     "mke2fs",
+    "readelf",
 )
 _TIMINGS = pytest.StashKey[list[tuple[str, str]]]()
 Boot = Callable[..., guest.GuestRun]
@@ -62,12 +65,12 @@ def record_timing(pytestconfig: pytest.Config) -> Callable[[str, str], None]:
 @pytest.fixture(scope="session")
 def lane_images(
     record_timing: Callable[[str, str], None],
-) -> Callable[[image.Lane, Sequence[str]], image.Images]:
+) -> Callable[[Lane, Sequence[str]], Images]:
     """lane_images(lane, host_tools): the lane's images for this session (cached base,
     petitkexec layer rebuilt from the tree), build time reported. A missing host tool skips
     the lane locally and fails it in CI."""
 
-    def build(lane: image.Lane, host_tools: Sequence[str]) -> image.Images:
+    def build(lane: Lane, host_tools: Sequence[str]) -> Images:
         missing = [
             tool
             for tool in host_tools
@@ -81,7 +84,7 @@ def lane_images(
                 pytest.fail(message)
             pytest.skip(message)
         started = time.monotonic()
-        images = image.current_images(lane)
+        images = current_images(lane)
         record_timing(
             f"{lane.name} image build (this session)",
             f"{time.monotonic() - started:.1f}s (petitkexec layer: {images.project_install})",
@@ -94,11 +97,11 @@ def lane_images(
 @pytest.fixture
 def timed_boot(
     request: pytest.FixtureRequest, record_timing: Callable[[str, str], None]
-) -> Callable[[Boot, image.Images], Boot]:
+) -> Callable[[Boot, Images], Boot]:
     """timed_boot(boot_function, images) -> boot(scenario, **kwargs) -> GuestRun, with these
     images; each boot's wall time is reported under the test's name."""
 
-    def bind(boot_function: Boot, images: image.Images) -> Boot:
+    def bind(boot_function: Boot, images: Images) -> Boot:
         def _boot(scenario: str, **kwargs: object) -> guest.GuestRun:
             run = boot_function(scenario, images=images, **kwargs)
             record_timing(
@@ -112,12 +115,12 @@ def timed_boot(
 
 
 @pytest.fixture(scope="session")
-def vm_images(lane_images: Callable[[image.Lane, Sequence[str]], image.Images]) -> image.Images:
+def vm_images(lane_images: Callable[[Lane, Sequence[str]], Images]) -> Images:
     """The q35 guest's images."""
-    return lane_images(image.X86, HOST_TOOLS)
+    return lane_images(X86, HOST_TOOLS)
 
 
 @pytest.fixture
-def boot(vm_images: image.Images, timed_boot: Callable[[Boot, image.Images], Boot]) -> Boot:
+def boot(vm_images: Images, timed_boot: Callable[[Boot, Images], Boot]) -> Boot:
     """boot(scenario, **kwargs) -> GuestRun: guest.boot_guest with this session's images."""
     return timed_boot(guest.boot_guest, vm_images)

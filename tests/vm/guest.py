@@ -31,7 +31,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import IO, Any
 
-from . import image
+from .images.build import Images, current_images
+from .images.cpio import write_cpio
+from .images.lanes import X86, Lane
 
 QEMU = "qemu-system-x86_64"
 VIRTFS_TAG = "host0"
@@ -107,7 +109,7 @@ EXPECTED_DRIVERS: dict[str, str | None] = {
 class Machine:
     """A lane's QEMU machine: what boot() does not do the same way on every lane."""
 
-    lane: image.Lane  # the images it boots; the serial logs go to its cache's runs/
+    lane: Lane  # the images it boots; the serial logs go to its cache's runs/
     qemu: str
     machine: str
     memory: str
@@ -151,7 +153,7 @@ class Machine:
 
 
 Q35 = Machine(
-    lane=image.X86,
+    lane=X86,
     qemu=QEMU,
     machine="q35",
     memory=MEMORY,
@@ -184,18 +186,12 @@ class ReadbackLine:
         return None if self.command is None else bool(self.command & 0x0004)
 
 
-@dataclasses.dataclass
-class GuestRun:
-    """What one boot showed. Times: `guest_times` are guest clocks, `host_times` are seconds
-    after QEMU started at which a line arrived on the serial console."""
+@dataclasses.dataclass(frozen=True)
+class ConsoleReport:
+    """What the guest said on its serial console (parse_console): the lines tests/vm/README.md
+    lists. Times: `guest_times` are guest clocks, `host_times` are seconds after QEMU started
+    at which a line arrived."""
 
-    log: str
-    log_path: Path
-    marker: str
-    timed_out: bool
-    poweroff_hung: bool
-    qemu_returncode: int | None
-    wall_seconds: float
     exit_code: int | None  # SCENARIO-EXIT; None if the scenario never returned (kexec'd)
     stage1_ready: bool
     second_up: bool  # PETITKEXEC-SECOND-UP with this run's marker
@@ -208,22 +204,11 @@ class GuestRun:
     readback_snapshots: list[tuple[str, list[ReadbackLine]]]
     guest_times: dict[str, float]
     host_times: dict[str, float]
-    capture_path: Path | None = None
-    qemu_args: list[str] = dataclasses.field(default_factory=list)
 
     @property
     def readbacks(self) -> dict[str, dict[str, ReadbackLine]]:
         """The last read-back taken with each tag, by BDF."""
         return {tag: {line.bdf: line for line in lines} for tag, lines in self.readback_snapshots}
-
-    def readback(self, tag: str) -> dict[str, ReadbackLine]:
-        try:
-            return self.readbacks[tag]
-        except KeyError:
-            raise AssertionError(f"no read-back tagged {tag!r}\n{self.tail()}") from None
-
-    def lines_starting(self, prefix: str) -> list[str]:
-        return [line for line in self.log.splitlines() if line.startswith(prefix)]
 
     @property
     def kexec_to_second_guest_seconds(self) -> float | None:
@@ -241,6 +226,31 @@ class GuestRun:
         if "KEXEC-START" not in t or "PETITKEXEC-SECOND-UP" not in t:
             return None
         return t["PETITKEXEC-SECOND-UP"] - t["KEXEC-START"]
+
+
+@dataclasses.dataclass(frozen=True)
+class GuestRun(ConsoleReport):
+    """What one boot showed: what the console said (the ConsoleReport it extends) and how the
+    run went."""
+
+    log: str
+    log_path: Path
+    marker: str
+    timed_out: bool
+    poweroff_hung: bool
+    qemu_returncode: int | None
+    wall_seconds: float
+    capture_path: Path | None = None
+    qemu_args: list[str] = dataclasses.field(default_factory=list)
+
+    def readback(self, tag: str) -> dict[str, ReadbackLine]:
+        try:
+            return self.readbacks[tag]
+        except KeyError:
+            raise AssertionError(f"no read-back tagged {tag!r}\n{self.tail()}") from None
+
+    def lines_starting(self, prefix: str) -> list[str]:
+        return [line for line in self.log.splitlines() if line.startswith(prefix)]
 
     def tail(self, lines: int = 60) -> str:
         state = (
@@ -303,15 +313,13 @@ def _run_layer(
     (as a cpio that stage 1 appends to the second kernel's initramfs)."""
     second_files = {"second-scenario.sh": second_scenario.encode()} if second_scenario else {}
     with tempfile.TemporaryDirectory() as tmp:
-        extra = image.write_cpio(
-            None, Path(tmp) / "second-extra.cpio.gz", files=second_files, level=1
-        )
+        extra = write_cpio(None, Path(tmp) / "second-extra.cpio.gz", files=second_files, level=1)
         conf = (
             f"MARKER={marker}\nLOAD_SECOND={int(load_second)}\n"
             f"SECOND_APPEND='{second_append}'\n"
             f"PK_VIRTFS_TAG={VIRTFS_TAG if virtfs else ''}\nexport PK_VIRTFS_TAG\n"
         )
-        return image.write_cpio(
+        return write_cpio(
             None,
             path,
             level=1,
@@ -323,57 +331,51 @@ def _run_layer(
         )
 
 
-def _parse(run_lines: list[tuple[float, str]], marker: str) -> dict[str, Any]:
+# Lines whose arrival (and uptime=, when they carry one) is recorded in host_times/guest_times.
+_TIMED_WORDS = (
+    "STAGE1-BOOT",
+    "STAGE1-SETTLED",
+    "STAGE1-READY",
+    "KEXEC-START",
+    "PETITKEXEC-SECOND-UP",
+    "SECOND-SETTLED",
+    "SECOND-DONE",
+    "SCENARIO-EXIT",
+)
+
+
+def parse_console(run_lines: list[tuple[float, str]], marker: str) -> ConsoleReport:
+    """What the console lines (arrival time, text) of the run with this marker say."""
     guest_times: dict[str, float] = {}
     host_times: dict[str, float] = {}
     snapshots: list[tuple[str, list[ReadbackLine]]] = []
     current: list[ReadbackLine] | None = None
-    parsed: dict[str, Any] = {
-        "exit_code": None,
-        "second_scenario_exit": None,
-        "second_devices": {},
-        "second_nvme": [],
-        "second_net": [],
-        "second_usb": [],
-        "stage1_ready": False,
-        "second_up": False,
-        "second_done": False,
-    }
-    markers = (
-        "STAGE1-BOOT",
-        "STAGE1-SETTLED",
-        "STAGE1-READY",
-        "KEXEC-START",
-        "PETITKEXEC-SECOND-UP",
-        "SECOND-SETTLED",
-        "SECOND-DONE",
-        "SCENARIO-EXIT",
-    )
+    second_up = False
+    exit_code: int | None = None
+    second_scenario_exit: int | None = None
+    second_devices: dict[str, str | None] = {}
+    second_lists: dict[str, list[str]] = {"SECOND-NVME": [], "SECOND-NET": [], "SECOND-USB": []}
     for at, line in run_lines:
         word = line.split(" ", 1)[0]
         uptime = _UPTIME.search(line)
-        if word in markers:
+        if word in _TIMED_WORDS:
             host_times[word] = at
             if uptime:
                 guest_times[word.lower().replace("-", "_").replace("petitkexec_", "")] = float(
                     uptime.group(1)
                 )
-        if word == "STAGE1-READY":
-            parsed["stage1_ready"] = True
-        elif word == "SCENARIO-EXIT":
-            parsed["exit_code"] = int(line.split()[1])
+        if word == "SCENARIO-EXIT":
+            exit_code = int(line.split()[1])
         elif word == "PETITKEXEC-SECOND-UP":
-            parsed["second_up"] = parsed["second_up"] or line.split()[1:2] == [marker]
-        elif word == "SECOND-DONE":
-            parsed["second_done"] = True
+            second_up = second_up or line.split()[1:2] == [marker]
         elif word == "SECOND-SCENARIO-EXIT":
-            parsed["second_scenario_exit"] = int(line.split()[1])
+            second_scenario_exit = int(line.split()[1])
         elif word == "SECOND-DEVICE":
             m = _KV_LINE.match(line)
             if m:
-                parsed["second_devices"][m["bdf"]] = None if m["driver"] == "-" else m["driver"]
-        elif word in ("SECOND-NVME", "SECOND-NET", "SECOND-USB"):
-            parsed[word.lower().replace("-", "_")].append(line.split()[1])
+                second_devices[m["bdf"]] = None if m["driver"] == "-" else m["driver"]
+        elif word in second_lists:
+            second_lists[word].append(line.split()[1])
         elif word == "READBACK-BEGIN":
             current = []
         elif word == "READBACK":
@@ -391,8 +393,20 @@ def _parse(run_lines: list[tuple[float, str]], marker: str) -> dict[str, Any]:
             m = _PRINTK_TIME.match(line)
             if m:
                 guest_times["starting_new_kernel"] = float(m.group(1))
-    parsed.update(guest_times=guest_times, host_times=host_times, readback_snapshots=snapshots)
-    return parsed
+    return ConsoleReport(
+        exit_code=exit_code,
+        stage1_ready="STAGE1-READY" in host_times,
+        second_up=second_up,
+        second_done="SECOND-DONE" in host_times,
+        second_scenario_exit=second_scenario_exit,
+        second_devices=second_devices,
+        second_nvme=second_lists["SECOND-NVME"],
+        second_net=second_lists["SECOND-NET"],
+        second_usb=second_lists["SECOND-USB"],
+        readback_snapshots=snapshots,
+        guest_times=guest_times,
+        host_times=host_times,
+    )
 
 
 def boot(
@@ -407,7 +421,7 @@ def boot(
     second_append: str = "",
     timeout: float | None = None,
     poweroff_grace: float = 30,
-    images: image.Images | None = None,
+    images: Images | None = None,
     echo: bool | None = None,
     virtfs: bool = False,
     capture_path: Path | None = None,
@@ -422,7 +436,7 @@ def boot(
     - virtfs, capture_path: extra_qemu_args has a virtio-9p share (stage 1 exports its tag as
       $PK_VIRTFS_TAG) or a serial port written to capture_path (kept in the GuestRun).
     """
-    images = images or image.current_images(machine.lane)
+    images = images or current_images(machine.lane)
     echo = bool(os.environ.get("PETITKEXEC_VM_ECHO")) if echo is None else echo
     timeout = machine.timeout if timeout is None else timeout
     runs = machine.lane.cache() / "runs"
@@ -485,9 +499,10 @@ def boot(
     wall = time.monotonic() - started
     with reader.lock:
         lines = list(reader.lines)
-    parsed = _parse(lines, marker)
+    report = parse_console(lines, marker)
     shutil.rmtree(work, ignore_errors=True)
     return GuestRun(
+        **vars(report),
         log="\n".join(line for _, line in lines),
         log_path=log_path,
         marker=marker,
@@ -497,7 +512,6 @@ def boot(
         wall_seconds=wall,
         capture_path=capture_path,
         qemu_args=args,
-        **parsed,
     )
 
 

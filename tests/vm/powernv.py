@@ -4,8 +4,8 @@ kernel on QEMU's `powernv9` machine (skiboot/OPAL, six PHB4s), under TCG.
     python -m tests.vm.powernv [--force]       # build/refresh the images (.cache/vm/powernv/)
     run = boot_powernv("petitkexec plan")      # -> tests.vm.guest.GuestRun
 
-Everything is built and booted by the q35 lane's code: `LANE` tells image.py what its images
-are made of, `POWERNV9` tells guest.boot() what the machine is; the guest scripts in
+Everything is built and booted by the q35 lane's code: `LANE` tells tests/vm/images/ what its
+images are made of, `POWERNV9` tells guest.boot() what the machine is; the guest scripts in
 tests/vm/guest/ run unchanged (stage 1 and the second kernel print the same lines). What
 differs lives here:
 
@@ -24,7 +24,7 @@ differs lives here:
 Cache layout under ``<repo>/.cache/vm/powernv/``: ``apt/`` (config and lists), ``debs/``,
 ``pkgroot/``, ``build-<key>/`` (vmlinux, stage-1 and second-kernel bases, dependency layer),
 ``session/`` (petitkexec from the working tree, once per process), ``runs/`` (serial logs):
-image.py's layout, one folder down.
+the q35 lane's layout, one folder down.
 """
 
 from __future__ import annotations
@@ -42,7 +42,9 @@ if __package__ in (None, ""):  # run as a script: python tests/vm/powernv.py
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
     __package__ = "tests.vm"
 
-from . import guest, image
+from . import guest
+from .images import build, debs
+from .images.lanes import BASE_PACKAGES, Lane
 
 HERE = Path(__file__).resolve().parent
 POWERNV_SCRIPTS = HERE / "guest-powernv"
@@ -51,7 +53,7 @@ QEMU = "qemu-system-ppc64"
 MACHINE = "powernv9"
 MEMORY = "2G"
 ARCH = "ppc64el"
-ROOT_PACKAGES = image.BASE_PACKAGES  # its ldconfig runs in the guest (see guest-powernv/init)
+ROOT_PACKAGES = BASE_PACKAGES  # its ldconfig runs in the guest (see guest-powernv/init)
 # Loaded in dependency order by both kernels (all of them are modules in Debian's ppc64el
 # kernel; nvme needs the two crc modules first).
 GUEST_MODULES = (
@@ -198,7 +200,7 @@ def _write_if_changed(path: Path, text: str) -> None:
 def apt_update() -> None:
     """Refresh the private lists. An index that fails (a mirror mid-sync) is ignored by
     apt and logged here: the others still resolve the packages."""
-    proc = image.apt(LANE, ["apt-get", "update", "-q"])
+    proc = debs.apt(LANE, ["apt-get", "update", "-q"])
     problems = [
         line
         for line in proc.stdout.splitlines() + proc.stderr.splitlines()
@@ -210,8 +212,8 @@ def apt_update() -> None:
 
 
 def update_lists(force: bool) -> None:
-    """apt_update() when forced or when the lists are older than a day. image.py asks only when
-    the package manifest is missing or out of date (the lane's packages stay pinned)."""
+    """apt_update() when forced or when the lists are older than a day. debs.py asks only
+    when the package manifest is missing or out of date (the lane's packages stay pinned)."""
     stamp = cache_dir() / "apt" / "updated"
     if force or not stamp.exists() or time.time() - stamp.stat().st_mtime > 86400:
         apt_update()
@@ -220,7 +222,7 @@ def update_lists(force: bool) -> None:
 # --------------------------------------------------------------------------- lane and machine
 
 
-LANE = image.Lane(
+LANE = Lane(
     name="powernv",
     arch=ARCH,
     triplet="powerpc64le-linux-gnu",
@@ -248,13 +250,13 @@ POWERNV9 = guest.Machine(
 )
 
 
-def build_images(*, force: bool = False, project: bool = True) -> image.Images:
-    return image.build_images(force=force, project=project, lane=LANE)
+def build_images(*, force: bool = False, project: bool = True) -> build.Images:
+    return build.build_images(force=force, project=project, lane=LANE)
 
 
-def current_images() -> image.Images:
+def current_images() -> build.Images:
     """Built once per process; the petitkexec layer fresh from the working tree."""
-    return image.current_images(LANE)
+    return build.current_images(LANE)
 
 
 def boot_powernv(scenario: str, **options: Any) -> guest.GuestRun:

@@ -27,10 +27,11 @@ if __package__ in (None, ""):  # run as a script: python tests/vm/record_guest.p
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
     __package__ = "tests.vm"
 
-from . import image
 from .guest import boot_guest
+from .images.build import Images, build_images
+from .images.lanes import REPO_ROOT, cache_dir
 
-FIXTURES = image.REPO_ROOT / "tests" / "fixtures" / "umockdev"
+FIXTURES = REPO_ROOT / "tests" / "fixtures" / "umockdev"
 
 RECORD_SCENARIO = r"""
 {setup}
@@ -47,7 +48,7 @@ class RecordError(RuntimeError):
 
 
 def record_guest(
-    out: Path | None = None, *, sriov: bool = False, images: image.Images | None = None
+    out: Path | None = None, *, sriov: bool = False, images: Images | None = None
 ) -> Path:
     """Boot the lane's guest (no kexec), record its sysfs, write it to `out`."""
     if out is None:
@@ -84,9 +85,9 @@ def record_host(out: Path | None = None) -> Path:
     env = dict(os.environ)
     with tempfile.TemporaryDirectory() as tmp:
         if shutil.which("udevadm") is None:
-            udevadm = image.cache_dir() / "pkgroot" / "bin" / "udevadm"
+            udevadm = cache_dir() / "pkgroot" / "bin" / "udevadm"
             if not udevadm.exists():
-                image.build_images(project=False)
+                build_images(project=False)
             os.symlink(udevadm, Path(tmp) / "udevadm")
             env["PATH"] = f"{tmp}:{env.get('PATH', '/usr/bin:/bin')}"
         proc = subprocess.run(

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from tests.vm.guest import EXPECTED_DRIVERS, VIRTFS_BDF, GuestRun, boot_guest
-from tests.vm.image import Images, make_ext4_image
+from tests.vm.images.build import Images
+from tests.vm.images.disk import make_ext4_image
 
 pytestmark = pytest.mark.vm
 

@@ -12,11 +12,12 @@ import pytest
 
 from tests.vm import powernv
 from tests.vm.guest import GuestRun
-from tests.vm.image import Images, Lane
+from tests.vm.images.build import Images
+from tests.vm.images.lanes import Lane
 
 pytestmark = pytest.mark.vm
 
-HOST_TOOLS = (powernv.QEMU, "apt-get", "apt-cache", "dpkg-deb", "depmod")
+HOST_TOOLS = (powernv.QEMU, "apt-get", "apt-cache", "dpkg-deb", "depmod", "readelf")
 EXEC = "petitkexec exec --kexec /usr/sbin/kexec-readback"
 EXPECTED = powernv.EXPECTED_DRIVERS
 ENDPOINTS = {bdf for bdf, driver in EXPECTED.items() if driver is not None}

@@ -1,0 +1,845 @@
+"""A real Debian 12 systemd guest for `systemctl kexec` with petitkexec's shutdown hook.
+
+    images = systemd_images()                       # build once, cached in .cache/vm/systemd/
+    run = boot_systemd(images, mode="kexec")        # one QEMU run: boot, systemctl kexec, boot 2
+    assert run.second_up and run.verify_passed, run.tail()
+
+The root file system is Debian's own packages put together by `mmdebstrap` (bookworm, amd64,
+from the Debian mirror the host's apt is configured with), with petitkexec installed from the
+working tree the README's way (`pip install .` inside the root) and `petitkexec install-systemd`
+run there. It is cached in two steps, each keyed by a hash of what shapes it:
+
+- ``base-<key>.tar``: mmdebstrap's output (the package list, the debconf and initramfs settings
+  below). The cold build downloads ~200 MB and takes about 3 minutes;
+- ``image-<key>/``: the base plus petitkexec and the test's guest files, as a tree (exported
+  over virtio-9p when 9p is the root) and as ``root.ext4`` (``mkfs.ext4 -d``). Keyed also by
+  the project's files (pyproject, petitkexec/, systemd/ ...), so an edit rebuilds only this.
+
+The guest runs the test by itself (``pktest.service``, after multi-user.target):
+
+- first boot: lists its devices (``FIRST-DEVICE``), runs ``systemd-analyze verify`` on the two
+  units (``PKTEST-ANALYZE``), ``petitkexec plan`` (``PKTEST-PLAN``), ``kexec -l`` with its own
+  command line plus ``pktest=second``, prints ``PKTEST-SYSTEMCTL-KEXEC uptime=S`` and runs
+  ``systemctl kexec``. systemd's shutdown runs the hook, which logs ``petitkexec: ...`` lines to
+  the kernel log (``loglevel=7`` puts them on the console), then execs ``/sbin/kexec -e``: a
+  wrapper that prints ``READBACK`` lines (driver and PCI COMMAND of every function, read with
+  coreutils' ``od``, not by petitkexec) and execs the real kexec-tools (``/sbin/kexec.real``);
+- second boot (``pktest=second``): ``PETITKEXEC-SECOND-UP <marker> uptime=S``, its devices
+  (``SECOND-DEVICE``), petitkexec-verify.service's result (``PKTEST-VERIFY``), ``SECOND-DONE``,
+  then it powers off.
+
+With ``mode="hang"`` the root file system is the image's tree over virtio-9p (a writable
+overlay on the host: the cache stays pristine), ``/etc/petitkexec.toml`` lifts the share's
+protection (``unprotect``), so the hook's unbind of the share's device hangs in
+``p9_virtio_remove()``.
+
+QEMU is always killed at `timeout`, and `poweroff_grace` seconds after ``SECOND-DONE``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+
+from . import guest
+from .images.lanes import REPO_ROOT, cache_dir
+from .images.run import ImageError, log, run
+
+SUITE = "bookworm"
+ARCH = "amd64"
+PACKAGES = (
+    "systemd",
+    "systemd-sysv",
+    "udev",
+    "python3",
+    "python3-pip",
+    "ca-certificates",  # pip's downloads from PyPI, inside the root
+    "kexec-tools",
+    "linux-image-amd64",
+    "initramfs-tools",
+    "e2fsprogs",
+    "util-linux",
+)
+# The initramfs only needs what mounts the root (virtio-blk, nvme, ext4, or 9p over virtio);
+# MODULES=list keeps it small (~7 MB instead of ~35 MB), which both kernels unpack under TCG.
+INITRAMFS_MODULES = ("virtio_pci", "virtio_blk", "nvme", "ext4", "9pnet_virtio", "9p")
+# Run inside the new root by mmdebstrap after the essential packages, before the rest:
+# kexec-tools must not load a kernel by itself at shutdown (LOAD_KEXEC, its debconf question).
+ESSENTIAL_HOOKS = (
+    'echo "kexec-tools kexec-tools/load_kexec boolean false" | chroot "$1" debconf-set-selections',
+    'echo "kexec-tools kexec-tools/use_grub_config boolean false"'
+    ' | chroot "$1" debconf-set-selections',
+    'mkdir -p "$1/etc/initramfs-tools/conf.d" "$1/usr/share/initramfs-tools/modules.d"',
+    'echo MODULES=list > "$1/etc/initramfs-tools/conf.d/petitkexec-test.conf"',
+    "printf '%s\\n' " + " ".join(INITRAMFS_MODULES) + ' > "$1/usr/share/initramfs-tools/'
+    'modules.d/petitkexec-test"',
+)
+# What of the working tree is installed (`pip install .`): everything at the top but these.
+PROJECT_SKIP = {
+    ".git",
+    ".cache",
+    ".ci",
+    "tests",
+    "bench",
+    "scripts",
+    "contrib",
+    "build",
+    "dist",
+    ".venv",
+    ".hypothesis",
+    ".mypy_cache",
+    ".ruff_cache",
+    ".pytest_cache",
+    "__pycache__",
+}
+HOST_TOOLS = ("mmdebstrap", "apt-get", "qemu-system-x86_64", "mkfs.ext4", "unshare", "chroot")
+HOST_CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
+GUEST_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+ROOT_BDF = "0000:01:00.0"  # virtio-blk behind root port 00:02.0: the root disk (mode kexec)
+ROOT_PORT_BDF = "0000:00:02.0"
+VIRTFS_BDF = "0000:00:09.0"  # virtio-9p: the root file system (mode hang)
+VIRTFS_TAG = "pkroot"
+NINEP_ROOTFLAGS = "trans=virtio,version=9p2000.L,msize=262144"
+TOPOLOGY: tuple[str, ...] = (
+    *(
+        f"-device pcie-root-port,id=rp{n},chassis={n},slot={n},bus=pcie.0,addr={n + 1:#x}"
+        for n in range(1, 5)
+    ),
+    # 01:00.0 the root disk (its file is given by boot_systemd: -drive id=rootdisk)
+    "-device virtio-blk-pci,drive=rootdisk,bus=rp1",
+    # 02:00.0 e1000e
+    "-netdev user,id=n0,restrict=on",
+    "-device e1000e,romfile=,netdev=n0,bus=rp2,mac=52:54:00:00:01:10",
+    # 03:00.0 xHCI
+    "-device qemu-xhci,id=xhci0,bus=rp3",
+    # 04:00.0 an nvme with a blank namespace that nothing mounts
+    "-device nvme,serial=pksd0001,drive=blankdisk,bus=rp4",
+    # 00:08.0 virtio-rng on the root bus
+    "-device virtio-rng-pci,bus=pcie.0,addr=0x8",
+)
+
+# ---------------------------------------------------------------------------------------------
+# Files put into the image (path below the root: (mode, text)).
+
+PKTEST = r"""#!/bin/sh
+# The systemd guest's test driver (tests/vm/systemd_guest.py); pktest.service runs it once
+# multi-user.target is reached. Everything goes to the console, which the host captures.
+exec >/dev/console 2>&1
+arg() { for word in $(cat /proc/cmdline); do case $word in "$1"=*) echo "${word#*=}";; esac; done; }
+up() { cut -d' ' -f1 /proc/uptime; }
+devices() {
+    for d in /sys/bus/pci/devices/*; do
+        driver=-
+        [ -e "$d/driver" ] && driver=$(basename "$(readlink "$d/driver")")
+        echo "$1 ${d##*/} driver=$driver"
+    done
+}
+marker=$(arg pkmarker)
+mode=$(arg pktest)
+case $mode in
+second)
+    echo "PETITKEXEC-SECOND-UP $marker uptime=$(up)"
+    udevadm settle --timeout=60
+    echo "SECOND-SETTLED uptime=$(up)"
+    devices SECOND-DEVICE
+    while [ "$(systemctl show -P ActiveState petitkexec-verify.service)" = activating ]; do
+        sleep 1
+    done
+    echo "PKTEST-VERIFY state=$(systemctl show -P ActiveState petitkexec-verify.service)" \
+        "result=$(systemctl show -P Result petitkexec-verify.service)" \
+        "status=$(systemctl show -P ExecMainStatus petitkexec-verify.service)" \
+        "condition=$(systemctl show -P ConditionResult petitkexec-verify.service)"
+    journalctl -b -o cat -u petitkexec-verify.service | sed 's/^/PKTEST-VERIFY-LOG /'
+    echo "SECOND-DONE uptime=$(up)"
+    systemctl --no-block poweroff
+    ;;
+*)
+    echo "PKTEST-FIRST-UP $marker mode=$mode uptime=$(up)"
+    udevadm settle --timeout=60
+    devices FIRST-DEVICE
+    if [ -n "$(arg pkunprotect)" ]; then
+        printf 'unprotect = ["%s"]\n' "$(arg pkunprotect)" >/etc/petitkexec.toml
+        chown root:root /etc/petitkexec.toml
+        chmod 0644 /etc/petitkexec.toml
+        echo "PKTEST-CONFIG $(stat -c '%U:%G %a' /etc/petitkexec.toml) $(cat /etc/petitkexec.toml)"
+    fi
+    echo "PKTEST-ROOT $(findmnt -n -o SOURCE,FSTYPE,OPTIONS /)"
+    systemd-analyze verify /etc/systemd/system/petitkexec-snapshot.service \
+        /etc/systemd/system/petitkexec-verify.service >/run/pktest-analyze 2>&1
+    status=$?
+    sed 's/^/PKTEST-ANALYZE /' /run/pktest-analyze
+    echo "PKTEST-ANALYZE-EXIT $status"
+    echo "PKTEST-SNAPSHOT-UNIT $(systemctl is-active petitkexec-snapshot.service)"
+    echo "PKTEST-DEFAULTS $(grep '^PETITKEXEC=' /etc/default/petitkexec)"
+    petitkexec plan 2>&1 | sed 's/^/PKTEST-PLAN /'
+    append=
+    for word in $(cat /proc/cmdline); do
+        case $word in pktest=*|pkunprotect=*) ;; *) append="$append $word";; esac
+    done
+    kexec -l /boot/vmlinuz --initrd=/boot/initrd.img --append="${append# } pktest=second"
+    echo "PKTEST-KEXEC-LOADED rc=$? loaded=$(cat /sys/kernel/kexec_loaded)"
+    echo "PKTEST-SYSTEMCTL-KEXEC uptime=$(up)"
+    systemctl --no-block kexec
+    echo "PKTEST-SYSTEMCTL-KEXEC-RC $?"
+    ;;
+esac
+"""
+
+PKTEST_UNIT = """[Unit]
+Description=petitkexec systemd-guest test (tests/vm/systemd_guest.py)
+After=multi-user.target
+
+[Service]
+Type=oneshot
+ExecStart=/usr/local/sbin/pktest
+StandardOutput=null
+
+[Install]
+WantedBy=multi-user.target
+"""
+
+# systemd-shutdown execs its compiled-in /sbin/kexec -e: this read-back happens after the hook,
+# right before the kexec syscall, by coreutils rather than petitkexec (READBACK as guest.py).
+KEXEC_WRAPPER = r"""#!/bin/sh
+# tests/vm/systemd_guest.py: before `kexec -e`, print every PCI function's driver and COMMAND
+# register to the console, then run the real kexec-tools (dpkg-diverted to /sbin/kexec.real).
+case " $* " in
+*" -e "*|*" --exec "*)
+    {
+        echo "READBACK-BEGIN tag=pre-kexec uptime=$(cut -d' ' -f1 /proc/uptime)"
+        count=0
+        for d in /sys/bus/pci/devices/*; do
+            driver=-
+            [ -e "$d/driver" ] && driver=$(basename "$(readlink "$d/driver")")
+            command=$(od -An -tx2 -j4 -N2 "$d/config" 2>/dev/null | tr -d ' \n')
+            echo "READBACK ${d##*/} driver=$driver command=${command:-----} tag=pre-kexec"
+            count=$((count + 1))
+        done
+        echo "READBACK-END tag=pre-kexec count=$count"
+        echo "KEXEC-START uptime=$(cut -d' ' -f1 /proc/uptime) args=$*"
+    } >/dev/console 2>&1
+    ;;
+esac
+exec /sbin/kexec.real "$@"
+"""
+
+GUEST_FILES: dict[str, tuple[int, str]] = {
+    "usr/local/sbin/pktest": (0o755, PKTEST),
+    "etc/systemd/system/pktest.service": (0o644, PKTEST_UNIT),
+    "etc/hostname": (0o644, "pkguest\n"),
+    # A fixed machine id: not a first boot (no systemd-firstboot prompts on the console).
+    "etc/machine-id": (0o444, "5e7c1f7a9d0b4e2f8a6c3b1d2e4f6a80\n"),
+    "etc/resolv.conf": (0o644, ""),
+}
+GUEST_LINKS: dict[str, str] = {
+    "etc/systemd/system/multi-user.target.wants/pktest.service": "../pktest.service",
+    # No getty on the console the host reads (nor on tty1), no first-boot wizard.
+    "etc/systemd/system/serial-getty@.service": "/dev/null",
+    "etc/systemd/system/getty@.service": "/dev/null",
+    "etc/systemd/system/systemd-firstboot.service": "/dev/null",
+}
+# Run in the root (chroot) in this order; the project is at /src.
+CHROOT_STEPS: tuple[tuple[str, ...], ...] = (
+    ("dpkg-divert", "--local", "--rename", "--divert", "/sbin/kexec.real", "--add", "/sbin/kexec"),
+    # The README's install: `pip install .` (pip 23 in bookworm refuses the system Python
+    # without --break-system-packages: PEP 668).
+    (
+        "python3",
+        "-m",
+        "pip",
+        "install",
+        "--break-system-packages",
+        "--root-user-action=ignore",
+        "--no-input",
+        "--progress-bar=off",
+        "/src",
+    ),
+    ("petitkexec", "install-systemd"),
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# Building
+
+
+def cache() -> Path:
+    return cache_dir() / "systemd"
+
+
+@dataclasses.dataclass(frozen=True)
+class SystemdImages:
+    tree: Path  # the root file system as a directory (the 9p root's lower layer)
+    disk: Path  # the same as ext4
+    kernel: Path
+    initrd: Path
+    kernel_version: str
+    info: dict[str, object]
+
+
+def _digest(*parts: object) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _base_key() -> str:
+    return _digest(SUITE, ARCH, PACKAGES, ESSENTIAL_HOOKS)
+
+
+def _project_files() -> list[Path]:
+    files = []
+    for top in sorted(REPO_ROOT.iterdir()):
+        if top.name in PROJECT_SKIP or top.name.endswith(".egg-info"):
+            continue
+        if top.is_file():
+            files.append(top)
+        elif top.is_dir():
+            files += sorted(
+                p
+                for p in top.rglob("*")
+                if p.is_file() and not PROJECT_SKIP.intersection(p.relative_to(top).parts)
+            )
+    return files
+
+
+def _image_key(base_key: str) -> str:
+    project = [
+        (str(p.relative_to(REPO_ROOT)), hashlib.sha256(p.read_bytes()).hexdigest())
+        for p in _project_files()
+    ]
+    return _digest(base_key, GUEST_FILES, GUEST_LINKS, CHROOT_STEPS, project)
+
+
+def host_sources(suite: str = SUITE) -> list[str]:
+    """One-line sources ("deb URI SUITE main") for `suite` and its -updates/-security, from
+    the host's own apt configuration (no mirror is written into the repository)."""
+    out = run(
+        [
+            "apt-get",
+            "indextargets",
+            "--format",
+            "$(SITE) $(RELEASE) $(COMPONENT)",
+            "Identifier: Packages",
+        ]
+    ).stdout
+    lines = []
+    for row in out.splitlines():
+        fields = row.split()
+        if len(fields) != 3:
+            continue
+        site, release, component = fields
+        if component == "main" and (release == suite or release.startswith(f"{suite}-")):
+            line = f"deb {site} {release} main"
+            if line not in lines:
+                lines.append(line)
+    if not any(f" {suite} " in line for line in lines):
+        raise ImageError(
+            f"the host's apt has no Debian {suite} main source (apt-get indextargets): "
+            "mmdebstrap needs one; run apt-get update"
+        )
+    return lines
+
+
+def _build_base(target: Path) -> float:
+    """mmdebstrap into `target` (a tarball); returns the seconds it took."""
+    started = time.monotonic()
+    tmp = target.with_suffix(".tmp.tar")
+    args = [
+        "mmdebstrap",
+        "--mode=root",
+        "--variant=minbase",
+        f"--arch={ARCH}",
+        f"--include={','.join(PACKAGES)}",
+        *(f"--essential-hook={hook}" for hook in ESSENTIAL_HOOKS),
+        SUITE,
+        str(tmp),
+        *host_sources(),
+    ]
+    log(f"mmdebstrap {SUITE} ({len(PACKAGES)} packages and their dependencies) -> {target}")
+    run(args)
+    seconds = round(time.monotonic() - started, 1)
+    target.with_suffix(".json").write_text(
+        json.dumps({"mmdebstrap_seconds": seconds, "bytes": tmp.stat().st_size})
+    )
+    tmp.rename(target)
+    return seconds
+
+
+def _write_guest_files(root: Path) -> str:
+    for rel, (mode, text) in GUEST_FILES.items():
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.unlink(missing_ok=True)
+        path.write_text(text)
+        path.chmod(mode)
+    for rel, target in GUEST_LINKS.items():
+        link = root / rel
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.unlink(missing_ok=True)
+        link.symlink_to(target)
+    kernels = sorted((root / "boot").glob("vmlinuz-*"))
+    if len(kernels) != 1:
+        raise ImageError(f"expected one kernel in the root's /boot, found {kernels}")
+    kver = kernels[0].name.removeprefix("vmlinuz-")
+    for name in ("vmlinuz", "initrd.img"):
+        link = root / "boot" / name
+        link.unlink(missing_ok=True)
+        link.symlink_to(f"{name}-{kver}")
+    defaults = (root / "etc/default/kexec").read_text()
+    if "LOAD_KEXEC=false" not in defaults.splitlines():
+        raise ImageError(f"kexec-tools would load a kernel at shutdown:\n{defaults}")
+    return kver
+
+
+def _chroot_install(root: Path, pip_cache: Path) -> None:
+    """Mount /proc (and pip's cache) in a private mount namespace and run CHROOT_STEPS."""
+    pip_cache.mkdir(parents=True, exist_ok=True)
+    (root / "root/.cache/pip").mkdir(parents=True, exist_ok=True)
+    shutil.copyfile("/etc/resolv.conf", root / "etc/resolv.conf")  # pip reaches PyPI
+    env = {"PATH": GUEST_PATH, "HOME": "/root", "LANG": "C.UTF-8", "TMPDIR": "/tmp"}
+    # ... trusting what the host's pip trusts (a machine whose HTTPS goes through a proxy has
+    # its CA in the host's bundle, not in the new root's).
+    host_ca = os.environ.get("PIP_CERT") or HOST_CA_BUNDLE
+    if Path(host_ca).is_file():
+        shutil.copyfile(host_ca, root / "tmp/host-ca.crt")
+        env["PIP_CERT"] = "/tmp/host-ca.crt"
+    script = "\n".join(
+        [
+            "set -eu",
+            'mount -t proc proc "$1/proc"',
+            'mount --bind "$2" "$1/root/.cache/pip"',
+            *('chroot "$1" ' + " ".join(_sh_quote(a) for a in step) for step in CHROOT_STEPS),
+        ]
+    )
+    run(
+        [
+            "unshare",
+            "--mount",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            script,
+            "sh",
+            str(root),
+            str(pip_cache),
+        ],
+        env=env,
+    )
+
+
+def _sh_quote(word: str) -> str:
+    return "'" + word.replace("'", "'\\''") + "'"
+
+
+def _copy_project(dest: Path) -> None:
+    for path in _project_files():
+        target = dest / path.relative_to(REPO_ROOT)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(path, target)
+
+
+def _tree_bytes(root: Path) -> int:
+    total = 0
+    for dirpath, _dirs, files in os.walk(root):
+        for name in files:
+            total += os.lstat(os.path.join(dirpath, name)).st_blocks * 512
+    return total
+
+
+def _build_image(base: Path, image: Path) -> dict[str, object]:
+    started = time.monotonic()
+    work = Path(tempfile.mkdtemp(prefix=f"{image.name}.", dir=image.parent))
+    try:
+        tree = work / "root"
+        tree.mkdir()
+        run(["tar", "-C", str(tree), "--numeric-owner", "--xattrs", "-xpf", str(base)])
+        extracted = time.monotonic()
+        kver = _write_guest_files(tree)
+        _copy_project(tree / "src")
+        _chroot_install(tree, cache() / "pip")
+        shutil.rmtree(tree / "src")
+        shutil.rmtree(tree / "root/.cache", ignore_errors=True)
+        (tree / "tmp/host-ca.crt").unlink(missing_ok=True)
+        (tree / "etc/resolv.conf").write_text("")
+        installed = time.monotonic()
+        for name in ("petitkexec.shutdown",):
+            if not (tree / "usr/lib/systemd/system-shutdown" / name).exists():
+                raise ImageError("install-systemd did not install the shutdown hook")
+        size = _tree_bytes(tree) * 13 // 10 + (256 << 20)
+        disk = work / "root.ext4"
+        with open(disk, "wb") as f:
+            f.truncate(size)
+        run(["mkfs.ext4", "-q", "-F", "-L", "pkroot", "-d", str(tree), str(disk)])
+        made = time.monotonic()
+        info: dict[str, object] = {
+            "kernel_version": kver,
+            "extract_seconds": round(extracted - started, 1),
+            "install_seconds": round(installed - extracted, 1),
+            "mkfs_seconds": round(made - installed, 1),
+            "image_seconds": round(made - started, 1),
+            "disk_bytes": size,
+            "defaults": (tree / "etc/default/petitkexec").read_text(),
+        }
+        (work / "info.json").write_text(json.dumps(info, indent=1))
+        work.rename(image)
+        return info
+    finally:
+        if work.exists():
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def build(*, force: bool = False) -> SystemdImages:
+    """The cached base and image, built if missing (or `force`)."""
+    root = cache()
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        started = time.monotonic()
+        base_key = _base_key()
+        base = root / f"base-{base_key}.tar"
+        base_seconds = None
+        if force or not base.exists():
+            for old in [*root.glob("base-*.tar"), *root.glob("base-*.json")]:
+                old.unlink()
+            base_seconds = round(_build_base(base), 1)
+        image = root / f"image-{_image_key(base_key)}"
+        built = False
+        if force and image.exists():
+            shutil.rmtree(image)
+        if not image.exists():
+            for old in root.glob("image-*"):
+                shutil.rmtree(old, ignore_errors=True)
+            _build_image(base, image)
+            built = True
+        info = json.loads((image / "info.json").read_text())
+        info["base_build_seconds"] = base_seconds  # None: cached
+        base_info = base.with_suffix(".json")
+        if base_info.exists():
+            info["base"] = json.loads(base_info.read_text())
+        info["image_built"] = built
+        info["ready_seconds"] = round(time.monotonic() - started, 1)
+        log(
+            f"systemd guest image {image.name} ready in {info['ready_seconds']}s "
+            f"(base {'cached' if base_seconds is None else f'built in {base_seconds}s'}, "
+            f"image {'built in ' + str(info['image_seconds']) + 's' if built else 'cached'})"
+        )
+        kver = str(info["kernel_version"])
+        return SystemdImages(
+            tree=image / "root",
+            disk=image / "root.ext4",
+            kernel=image / "root/boot" / f"vmlinuz-{kver}",
+            initrd=image / "root/boot" / f"initrd.img-{kver}",
+            kernel_version=kver,
+            info=info,
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Booting
+
+_PRINTK = re.compile(r"^\[\s*(\d+\.\d+)\]\s(.*)$")
+_UPTIME = re.compile(r"\buptime=(\d+\.\d+)")
+
+
+@dataclasses.dataclass(frozen=True)
+class SystemdRun:
+    """One QEMU run of the systemd guest: guest.GuestRun (READBACK, SECOND-DEVICE, the marker,
+    timings) plus what this guest says."""
+
+    run: guest.GuestRun
+    mode: str
+    arrivals: list[tuple[float, str]]  # (seconds after QEMU started, console line)
+
+    def __getattr__(self, name: str) -> object:  # the GuestRun's fields and methods
+        return getattr(self.run, name)
+
+    def tail(self, lines: int = 80) -> str:
+        return self.run.tail(lines)
+
+    def lines_with(self, word: str) -> list[str]:
+        """Console lines containing `word`, from `word` on (a kernel prefix cut off)."""
+        return [line[line.index(word) :] for line in self.run.log.splitlines() if word in line]
+
+    def values(self, word: str) -> list[str]:
+        return [line[len(word) :].strip() for line in self.lines_with(word + " ")]
+
+    @property
+    def hook_lines(self) -> list[tuple[float | None, str]]:
+        """The hook's report as the kernel printed it: (printk time, text after `petitkexec: `)."""
+        found = []
+        for line in self.run.log.splitlines():
+            at = line.find("petitkexec: ")
+            if at < 0:
+                continue
+            m = _PRINTK.match(line)
+            found.append((float(m.group(1)) if m else None, line[at + len("petitkexec: ") :]))
+        return found
+
+    @property
+    def hook_text(self) -> list[str]:
+        return [text for _, text in self.hook_lines]
+
+    @property
+    def teardown_exit(self) -> int | None:
+        for text in self.hook_text:
+            m = re.match(r"teardown exit (\d+)$", text)
+            if m:
+                return int(m.group(1))
+        return None
+
+    def devices(self, word: str) -> dict[str, str | None]:
+        found: dict[str, str | None] = {}
+        for value in self.values(word):
+            m = re.match(r"(\S+) driver=(\S+)", value)
+            if m:
+                found[m.group(1)] = None if m.group(2) == "-" else m.group(2)
+        return found
+
+    @property
+    def first_devices(self) -> dict[str, str | None]:
+        return self.devices("FIRST-DEVICE")
+
+    @property
+    def analyze_exit(self) -> int | None:
+        values = self.values("PKTEST-ANALYZE-EXIT")
+        return int(values[-1]) if values else None
+
+    @property
+    def analyze_output(self) -> list[str]:
+        return [line[len("PKTEST-ANALYZE ") :] for line in self.lines_with("PKTEST-ANALYZE ")]
+
+    @property
+    def verify(self) -> dict[str, str]:
+        values = self.values("PKTEST-VERIFY")
+        return dict(w.split("=", 1) for w in values[-1].split() if "=" in w) if values else {}
+
+    @property
+    def verify_passed(self) -> bool:
+        v = self.verify
+        return v.get("result") == "success" and v.get("status") == "0"
+
+    def uptime(self, word: str) -> float | None:
+        for line in self.lines_with(word + " "):
+            m = _UPTIME.search(line)
+            if m:
+                return float(m.group(1))
+        return None
+
+    def printk_time(self, text: str) -> float | None:
+        """The kernel time stamp of the last console line containing `text`."""
+        found = None
+        for line in self.run.log.splitlines():
+            if text in line:
+                m = _PRINTK.match(line)
+                if m:
+                    found = float(m.group(1))
+        return found
+
+    @property
+    def systemctl_kexec_to_second_guest_seconds(self) -> float | None:
+        """Guest clocks: from `PKTEST-SYSTEMCTL-KEXEC uptime=` (right before `systemctl kexec`)
+        to the first kernel's "Starting new kernel", plus the second kernel's uptime at its
+        marker (purgatory and decompression are not on either clock)."""
+        start = self.uptime("PKTEST-SYSTEMCTL-KEXEC")
+        handoff = self.run.guest_times.get("starting_new_kernel")
+        second = self.run.guest_times.get("second_up")
+        if start is None or handoff is None or second is None:
+            return None
+        return handoff - start + second
+
+    def arrival(self, word: str) -> float | None:
+        """Host clock: when the first console line containing `word` arrived (seconds after
+        QEMU started)."""
+        return next((at for at, line in self.arrivals if word in line), None)
+
+    def host_seconds_between(self, first: str, second: str) -> float | None:
+        start, end = self.arrival(first), self.arrival(second)
+        return None if start is None or end is None else end - start
+
+
+def _kernel_append(mode: str, marker: str, root: str) -> str:
+    words = [
+        root,
+        "rw",
+        "console=ttyS0",
+        "loglevel=7",  # the hook's info-level `petitkexec:` lines reach the console
+        "panic=-1",
+        f"pkmarker={marker}",
+    ]
+    words.append("pktest=hang" if mode == "hang" else "pktest=kexec")
+    if mode == "hang":
+        words.append(f"pkunprotect={VIRTFS_BDF}")
+    return " ".join(words)
+
+
+def boot_systemd(
+    images: SystemdImages,
+    *,
+    mode: str = "kexec",
+    timeout: float = 900,
+    poweroff_grace: float = 60,
+    echo: bool | None = None,
+    extra_qemu_args: Sequence[str] = (),
+) -> SystemdRun:
+    """One QEMU run (q35, TCG, -no-reboot) of the systemd guest.
+
+    mode "kexec": root on the virtio-blk disk (ext4, writes discarded with snapshot=on);
+    mode "hang": root on virtio-9p (the image's tree under a private writable overlay), whose
+    protection /etc/petitkexec.toml lifts: the hook's unbind of 00:09.0 hangs.
+    """
+    if mode not in ("kexec", "hang"):
+        raise ValueError(f"mode must be kexec or hang, not {mode!r}")
+    echo = bool(os.environ.get("PETITKEXEC_VM_ECHO")) if echo is None else echo
+    runs = cache() / "runs"
+    runs.mkdir(parents=True, exist_ok=True)
+    for old_log in sorted(runs.glob("*.log"), key=lambda p: p.stat().st_mtime)[:-20]:
+        old_log.unlink(missing_ok=True)
+    marker = uuid.uuid4().hex[:12]
+    work = Path(tempfile.mkdtemp(prefix=f"run-{marker}-", dir=runs))
+    log_path = runs / f"{marker}.log"
+    blank = work / "blank.img"
+    with open(blank, "wb") as f:
+        f.truncate(64 << 20)
+    qemu = shutil.which(guest.QEMU)
+    if qemu is None:
+        raise RuntimeError(f"{guest.QEMU} not found: see .ci/apt-packages")
+    if mode == "hang":
+        root = (
+            f"root={VIRTFS_TAG} rootfstype=9p rootflags=trans=virtio,version=9p2000.L,msize=262144"
+        )
+    else:
+        root = "root=/dev/vda"
+    args = [
+        qemu,
+        "-machine",
+        "q35",
+        "-accel",
+        "tcg",
+        "-m",
+        "1G",
+        "-smp",
+        "1",
+        "-nographic",
+        "-no-reboot",
+        "-serial",
+        "mon:stdio",
+        "-kernel",
+        str(images.kernel),
+        "-initrd",
+        str(images.initrd),
+        "-append",
+        _kernel_append(mode, marker, root),
+        "-drive",
+        f"if=none,id=rootdisk,file={images.disk},format=raw,snapshot=on",
+        "-drive",
+        f"if=none,id=blankdisk,file={blank},format=raw",
+    ]
+    for option in TOPOLOGY:
+        args += option.split(" ", 1)
+    command = args
+    if mode == "hang":
+        merged = work / "merged"
+        for name in ("upper", "overlay-work", "merged"):
+            (work / name).mkdir()
+        args += [
+            "-fsdev",
+            f"local,id=fsroot,path={merged},security_model=passthrough",
+            "-device",
+            f"virtio-9p-pci,fsdev=fsroot,mount_tag={VIRTFS_TAG},bus=pcie.0,addr=0x9",
+        ]
+        # The overlay lives in a private mount namespace that ends with QEMU (sh execs it).
+        command = [
+            "unshare",
+            "--mount",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            'mount -t overlay overlay -o "lowerdir=$1,upperdir=$2,workdir=$3" "$4" && '
+            'shift 4 && exec "$@"',
+            "sh",
+            str(images.tree),
+            str(work / "upper"),
+            str(work / "overlay-work"),
+            str(merged),
+            *args,
+        ]
+    command += list(extra_qemu_args)
+
+    started = time.monotonic()
+    timed_out = poweroff_hung = False
+    with open(log_path, "wb") as log_file:
+        proc = subprocess.Popen(
+            command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        )
+        assert proc.stdout is not None
+        reader = guest._SerialReader(proc.stdout, log_file, started, echo)
+        reader.start()
+        try:
+            while proc.poll() is None:
+                now = time.monotonic()
+                if now - started > timeout:
+                    timed_out = True
+                    break
+                final = reader.final_line_at
+                if final is not None and now - final > poweroff_grace:
+                    poweroff_hung = True
+                    break
+                time.sleep(0.2)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+            reader.join(timeout=10)
+    wall = time.monotonic() - started
+    with reader.lock:
+        lines = list(reader.lines)
+    shutil.rmtree(work, ignore_errors=True)
+    report = guest.parse_console(lines, marker)
+    return SystemdRun(
+        guest.GuestRun(
+            **vars(report),
+            log="\n".join(line for _, line in lines),
+            log_path=log_path,
+            marker=marker,
+            timed_out=timed_out,
+            poweroff_hung=poweroff_hung,
+            qemu_returncode=proc.returncode,
+            wall_seconds=wall,
+            qemu_args=command,
+        ),
+        mode,
+        lines,
+    )
+
+
+def main(argv: Sequence[str]) -> int:
+    """python -m tests.vm.systemd_guest [--force] [kexec|hang]: build, then boot once."""
+    force = "--force" in argv
+    modes = [a for a in argv if not a.startswith("-")]
+    images = build(force=force)
+    print(json.dumps(images.info, indent=1))
+    for mode in modes:
+        result = boot_systemd(images, mode=mode, echo=True)
+        print(
+            f"\n{mode}: wall {result.wall_seconds:.1f}s, qemu exit {result.qemu_returncode}, "
+            f"timed out {result.timed_out}, log {result.log_path}",
+            file=sys.stderr,
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
