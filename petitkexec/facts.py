@@ -64,6 +64,7 @@ def gather_facts(sysfs_root: Path, proc_root: Path = Path("/proc")) -> SystemFac
         lockdown=read_lockdown(sysfs_root),
         kexec_loaded=read_kexec_loaded(sysfs_root),
         live_update=live_update,
+        powernv=(sysfs_root / "firmware" / "opal").exists(),
     )
 
 

@@ -147,6 +147,7 @@ class SystemFacts:
     lockdown: str | None = None  # "none", "integrity", "confidentiality"; None if not exposed
     kexec_loaded: bool | None = None
     live_update: str | None = None  # why Live Update may preserve devices, None if inactive
+    powernv: bool = False  # OPAL firmware (/sys/firmware/opal): resets go through it
 
     @property
     def needs_file_load(self) -> bool:

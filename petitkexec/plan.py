@@ -16,6 +16,7 @@ from enum import Enum
 from petitkexec.bdf import Bdf
 from petitkexec.model import PciFunction, SystemFacts, Topology
 from petitkexec.policy import Policy
+from petitkexec.quirks import Effect, Quirk, quirks_of
 
 
 class Action(Enum):
@@ -38,6 +39,7 @@ class Step:
     reason: str
     # Steps of one wave have no order among them and may run side by side; waves run in order.
     wave: int = field(default=0, compare=False)
+    keep_bus_master: bool = False  # a quirk: never clear bus master on this function
 
     def __str__(self) -> str:
         return f"{self.action.value} ({self.reason})"
@@ -66,7 +68,11 @@ class Plan:
 def build_plan(topology: Topology, policy: Policy, facts: SystemFacts) -> Plan:
     held = _held_functions(topology, policy, facts)
     decisions = {
-        function.bdf: held.get(function.bdf) or _decide(function, facts.needed.get(function.bdf))
+        function.bdf: held.get(function.bdf)
+        or _with_quirks(
+            _decide(function, facts.needed.get(function.bdf)),
+            quirks_of(function, facts.powernv, policy.ignore_quirks),
+        )
         for function in topology
     }
     steps = [replace(decisions[bdf], wave=wave) for bdf, wave in _teardown_order(topology)]
@@ -116,6 +122,17 @@ def _decide(function: PciFunction, needed_for: str | None) -> Step:
     if needed_for is None:
         return step
     return Step(step.bdf, step.action, f"{step.reason}; unprotected: {needed_for}")
+
+
+def _with_quirks(step: Step, quirks: tuple[Quirk, ...]) -> Step:
+    quirks = tuple(quirk for quirk in quirks if step.action.value in quirk.when)
+    if not quirks:
+        return step
+    reason = "; ".join([step.reason, *(quirk.reason() for quirk in quirks)])
+    keep = any(quirk.effect is Effect.KEEP_BUS_MASTER for quirk in quirks)
+    if keep and step.action is Action.CLEAR_BUS_MASTER:
+        return Step(step.bdf, Action.SKIP, reason, keep_bus_master=True)
+    return Step(step.bdf, step.action, reason, keep_bus_master=keep)
 
 
 def _decide_unheld(function: PciFunction) -> Step:

@@ -65,6 +65,7 @@ class Policy:
     # Let the teardown touch functions the running system needs (the root disk, a 9p share...).
     unprotect: tuple[DeviceSpec, ...] = ()
     hot_reset: bool = False
+    ignore_quirks: frozenset[str] = frozenset()  # ids from petitkexec.quirks
 
     def excluded_by(self, function: PciFunction) -> str | None:
         """Why policy keeps this function out of the teardown, or None if it may be touched."""

@@ -21,6 +21,7 @@ from typing import Any
 
 from petitkexec.errors import UsageError
 from petitkexec.policy import DeviceSpec, Policy
+from petitkexec.quirks import QUIRKS
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -63,6 +64,17 @@ def _specs(value: Any, where: str) -> tuple[DeviceSpec, ...]:
     if not isinstance(values, (list, tuple)) or not all(isinstance(v, str) for v in values):
         raise UsageError(where, value, "must be a string or a list of strings")
     return tuple(DeviceSpec.parse(text, where) for text in values)
+
+
+def _quirk_ids(value: Any, where: str) -> tuple[str, ...]:
+    values = [value] if isinstance(value, str) else value
+    if not isinstance(values, (list, tuple)) or not all(isinstance(v, str) for v in values):
+        raise UsageError(where, value, "must be a string or a list of strings")
+    known = {quirk.id for quirk in QUIRKS}
+    for name in values:
+        if name not in known:
+            raise UsageError(where, name, "is not a quirk; known: " + ", ".join(sorted(known)))
+    return tuple(values)
 
 
 def _flag(value: Any, where: str) -> bool:
@@ -137,6 +149,16 @@ SETTINGS = (
         config_key="unprotect",
         multiple=True,
         metavar="SPEC",
+    ),
+    Setting(
+        "ignore_quirks",
+        "--ignore-quirk",
+        "Do not apply this quirk (an id shown in the plan's reasons). Repeatable.",
+        _quirk_ids,
+        Scope.PLAN,
+        config_key="ignore-quirks",
+        multiple=True,
+        metavar="ID",
     ),
     Setting(
         "hot_reset",
@@ -263,7 +285,13 @@ def resolve(
             if values[setting.name] is None:
                 values[setting.name] = setting.default
     return Settings(
-        Policy(values["exclude"], values["only"], values["unprotect"], values["hot_reset"]),
+        Policy(
+            values["exclude"],
+            values["only"],
+            values["unprotect"],
+            values["hot_reset"],
+            frozenset(values["ignore_quirks"]),
+        ),
         ExecutionOptions(
             unbind_timeout_s=values["unbind_timeout"],
             reset_timeout_s=values["reset_timeout"],

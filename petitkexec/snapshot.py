@@ -89,6 +89,7 @@ def facts_to_json(facts: SystemFacts) -> dict[str, Any]:
         "lockdown": facts.lockdown,
         "kexec_loaded": facts.kexec_loaded,
         "live_update": facts.live_update,
+        "powernv": facts.powernv,
     }
 
 
@@ -101,10 +102,11 @@ def facts_from_json(data: dict[str, Any]) -> SystemFacts:
         needed={Bdf.parse(bdf): reason for bdf, reason in needed.items()},
         lockdown=_typed(data, "lockdown", str, optional=True),
         kexec_loaded=_typed(data, "kexec_loaded", bool, optional=True),
-        # Absent from the snapshots of earlier versions: inactive.
+        # Absent from the snapshots of earlier versions: inactive, not PowerNV.
         live_update=(
             _typed(data, "live_update", str, optional=True) if "live_update" in data else None
         ),
+        powernv=_typed(data, "powernv", bool) if "powernv" in data else False,
     )
 
 

@@ -96,6 +96,8 @@ class Unbinder:
                 driver_after=driver_after,
             )
         self._record_rebind(bdf, driver, original_override, numvfs)
+        if step.keep_bus_master:
+            return StepOutcome(step, Status.DONE, f"unbound from {driver}; bus master left (quirk)")
         return self.bus_master.after_unbind(step, f"unbound from {driver}")
 
     def _record_rebind(

@@ -49,7 +49,7 @@ def machine() -> Topology:
             function("0000:00:1c.0", "pcieport", bridge=True),
             function("0000:01:00.0", "pcieport", parent="0000:00:1c.0", bridge=True),
             function("0000:02:00.0", "mlx5_core", parent="0000:01:00.0"),
-            function("0000:02:00.1", "vfio-pci", parent="0000:01:00.0", physfn="0000:02:00.0"),
+            function("0000:02:00.1", "ixgbevf", parent="0000:01:00.0", physfn="0000:02:00.0"),
             function("0000:00:1f.2", "ahci"),
             function("0001:00:00.0", "nvme"),
         ]
@@ -79,8 +79,8 @@ def test_the_tree_shows_each_domain_with_its_functions_indented_under_their_brid
             "unbind (pcieport, has unbind)",
             "│     ├─ 0000:02:00.0 15b3:1017 class 020000 driver mlx5_core  →  "
             "unbind (mlx5_core, has unbind)",
-            "│     └─ 0000:02:00.1 15b3:1017 class 020000 driver vfio-pci [VF of 0000:02:00.0]  →  "
-            "unbind (vfio-pci, has unbind)",
+            "│     └─ 0000:02:00.1 15b3:1017 class 020000 driver ixgbevf [VF of 0000:02:00.0]  →  "
+            "unbind (ixgbevf, has unbind)",
             "└─ 0000:00:1f.2 15b3:1017 class 020000 driver ahci  →  unbind (ahci, has unbind)",
             "PCI domain 0001",
             "└─ 0001:00:00.0 15b3:1017 class 020000 driver nvme  →  unbind (nvme, has unbind)",
@@ -159,8 +159,8 @@ def test_json_lists_the_steps_in_execution_order() -> None:
     assert data["steps"][0] == {
         "bdf": "0000:02:00.1",
         "action": "unbind",
-        "reason": "vfio-pci, has unbind",
-        "driver": "vfio-pci",
+        "reason": "ixgbevf, has unbind",
+        "driver": "ixgbevf",
         "vendor_device": "15b3:1017",
     }
     assert data["conflicts"] == []

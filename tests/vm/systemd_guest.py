@@ -251,6 +251,8 @@ GUEST_LINKS: dict[str, str] = {
     "etc/systemd/system/getty@.service": "/dev/null",
     "etc/systemd/system/systemd-firstboot.service": "/dev/null",
 }
+# Written after CHROOT_STEPS (dpkg-divert has moved kexec-tools' binary to /sbin/kexec.real).
+AFTER_FILES: dict[str, tuple[int, str]] = {"usr/sbin/kexec": (0o755, KEXEC_WRAPPER)}
 # Run in the root (chroot) in this order; the project is at /src.
 CHROOT_STEPS: tuple[tuple[str, ...], ...] = (
     ("dpkg-divert", "--local", "--rename", "--divert", "/sbin/kexec.real", "--add", "/sbin/kexec"),
@@ -318,7 +320,7 @@ def _image_key(base_key: str) -> str:
         (str(p.relative_to(REPO_ROOT)), hashlib.sha256(p.read_bytes()).hexdigest())
         for p in _project_files()
     ]
-    return _digest(base_key, GUEST_FILES, GUEST_LINKS, CHROOT_STEPS, project)
+    return _digest(base_key, GUEST_FILES, GUEST_LINKS, CHROOT_STEPS, AFTER_FILES, project)
 
 
 def host_sources(suite: str = SUITE) -> list[str]:
@@ -376,13 +378,17 @@ def _build_base(target: Path) -> float:
     return seconds
 
 
-def _write_guest_files(root: Path) -> str:
-    for rel, (mode, text) in GUEST_FILES.items():
+def _write_files(root: Path, files: dict[str, tuple[int, str]]) -> None:
+    for rel, (mode, text) in files.items():
         path = root / rel
         path.parent.mkdir(parents=True, exist_ok=True)
         path.unlink(missing_ok=True)
         path.write_text(text)
         path.chmod(mode)
+
+
+def _write_guest_files(root: Path) -> str:
+    _write_files(root, GUEST_FILES)
     for rel, target in GUEST_LINKS.items():
         link = root / rel
         link.parent.mkdir(parents=True, exist_ok=True)
@@ -472,6 +478,9 @@ def _build_image(base: Path, image: Path) -> dict[str, object]:
         shutil.rmtree(tree / "src")
         shutil.rmtree(tree / "root/.cache", ignore_errors=True)
         (tree / "tmp/host-ca.crt").unlink(missing_ok=True)
+        _write_files(tree, AFTER_FILES)
+        if not (tree / "usr/sbin/kexec.real").is_file():
+            raise ImageError("dpkg-divert did not move kexec-tools' kexec to /sbin/kexec.real")
         (tree / "etc/resolv.conf").write_text("")
         installed = time.monotonic()
         for name in ("petitkexec.shutdown",):
