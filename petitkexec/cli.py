@@ -11,10 +11,11 @@ import sys
 import traceback
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import click
 
+from petitkexec.environment import Environment
 from petitkexec.errors import (
     INTERNAL_HINT,
     ExitCode,
@@ -24,35 +25,15 @@ from petitkexec.errors import (
     UsageError,
     describe_exception,
 )
-from petitkexec.handoff import LoadRequest, find_kexec
 from petitkexec.log import configure_logging
-from petitkexec.outcome import StepOutcome, TeardownReport
-from petitkexec.plan import build_plan
-from petitkexec.render import (
-    facts_line,
-    outcome_line,
-    plan_summary,
-    plan_to_json,
-    plan_tree,
-    report_lines,
-    report_to_json,
-    rollback_lines,
-    rollback_to_json,
-)
-from petitkexec.run import (
-    ArmedWatchdog,
-    Environment,
-    ExecResult,
-    Handoff,
-    HandoffRequest,
-    exec_,
-    prepare,
-)
-from petitkexec.run import teardown as run_teardown
 from petitkexec.settings import SETTINGS, Scope, Settings, load_config, resolve
-from petitkexec.snapshot import facts_to_json, load_snapshot, snapshot_to_json
-from petitkexec.verify import verify_until
-from petitkexec.watchdog import Watchdog
+
+# Everything else is imported by the command that needs it: `plan --snapshot` never loads
+# pyudev or the executor, and --help loads neither.
+if TYPE_CHECKING:
+    from petitkexec.outcome import StepOutcome, TeardownReport
+    from petitkexec.run import ExecResult
+    from petitkexec.watchdog import Watchdog
 
 EXIT_CODES_HELP = """\b
 Exit codes:
@@ -119,6 +100,8 @@ def _die(error: BaseException, *, debug: bool) -> NoReturn:
     if debug:
         traceback.print_exception(error)
     if isinstance(error, RolledBack):
+        from petitkexec.render import rollback_lines
+
         for line in rollback_lines(error.rollback):
             _echo_err(line)
     _echo_err(f"petitkexec: {describe_exception(error)}")
@@ -176,6 +159,10 @@ def _print_json(payload: dict[str, Any]) -> None:
 )
 def plan(snapshot_path: Path | None, as_json: bool, **given: Any) -> None:
     """Show what a teardown would do to every PCI function. Changes nothing."""
+    from petitkexec.plan import build_plan
+    from petitkexec.render import facts_line, plan_summary, plan_to_json, plan_tree
+    from petitkexec.snapshot import facts_to_json, load_snapshot
+
     settings = _settings(given)
     if snapshot_path is not None:
         topology, facts = load_snapshot(snapshot_path)
@@ -197,6 +184,8 @@ def plan(snapshot_path: Path | None, as_json: bool, **given: Any) -> None:
 @click.option("-o", "--output", type=click.Path(path_type=Path), help="Write here, not stdout.")
 def snapshot(output: Path | None) -> None:
     """Write this machine's PCI topology and facts as JSON (for `plan --snapshot`)."""
+    from petitkexec.snapshot import snapshot_to_json
+
     environment = _environment()
     text = json.dumps(snapshot_to_json(environment.topology(), environment.facts()), indent=2)
     if output is None:
@@ -225,6 +214,9 @@ def snapshot(output: Path | None) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output on stdout.")
 def verify(snapshot_path: Path, wait_s: float, as_json: bool) -> None:
     """After a kexec: is every PCI function of the snapshot back, with the driver it had?"""
+    from petitkexec.snapshot import load_snapshot
+    from petitkexec.verify import verify_until
+
     before, _facts = load_snapshot(snapshot_path)
     differences = verify_until(_environment().topology, before, wait_s)
     failures = [d for d in differences if d.change.is_failure]
@@ -280,10 +272,14 @@ def install_systemd(root: Path, print_only: bool) -> None:
 
 
 def _print_outcome(index: int, total: int, outcome: StepOutcome) -> None:
+    from petitkexec.render import outcome_line
+
     _echo_err(outcome_line(index, total, outcome))
 
 
 def _print_report(report: TeardownReport) -> None:
+    from petitkexec.render import report_lines
+
     for line in report_lines(report):
         _echo_err(line)
 
@@ -292,6 +288,10 @@ def _print_report(report: TeardownReport) -> None:
 @setting_options(Scope.PLAN, Scope.EXECUTE)
 def teardown(as_json: bool, **given: Any) -> None:
     """Execute the plan: unbind drivers, clear bus master, optionally reset buses."""
+    from petitkexec.render import report_to_json
+    from petitkexec.run import prepare
+    from petitkexec.run import teardown as run_teardown
+
     environment = _environment()
     prepared = prepare(environment, _settings(given))
     report = run_teardown(environment, prepared, _print_outcome)
@@ -354,6 +354,9 @@ def exec_command(
 
     Arguments after `--` go to `kexec -e`.
     """
+    from petitkexec.handoff import LoadRequest, find_kexec
+    from petitkexec.run import ArmedWatchdog, HandoffRequest, exec_, prepare
+
     if append is not None and reuse_cmdline:
         raise UsageError("--append", append, "cannot be combined with --reuse-cmdline")
     if load_kernel is None and (initrd or append or reuse_cmdline or dtb):
@@ -398,6 +401,9 @@ def _handing_off(report: TeardownReport, command: str) -> None:
 
 
 def _print_exec_result(result: ExecResult, as_json: bool) -> None:
+    from petitkexec.render import report_to_json, rollback_lines, rollback_to_json
+    from petitkexec.run import Handoff
+
     if result.handoff is Handoff.FAILED:
         assert result.failure is not None
         _echo_err(

@@ -18,10 +18,9 @@ from typing import Protocol
 from petitkexec.attributes import le16, parse_count, parse_driver_override
 from petitkexec.bdf import Bdf
 from petitkexec.deadline import Child, start_child
+from petitkexec.environment import SYSFS_ROOT
 from petitkexec.errors import KernelWriteFailed
 from petitkexec.model import PCI_BRIDGE_CONTROL, PCI_COMMAND
-
-SYSFS_ROOT = Path("/sys")
 
 
 class SysfsWriter(Protocol):

@@ -1,4 +1,9 @@
-"""structlog set-up: a console renderer on a terminal, JSON lines otherwise, never stdout."""
+"""Logging through structlog: a console renderer on a terminal, JSON lines otherwise, never stdout.
+
+structlog is imported when the first event passes the level, not before: importing it pulls in
+asyncio (a tenth of a second in a TCG guest), and the default level (warnings) lets almost
+nothing through, so most runs never pay for it.
+"""
 
 from __future__ import annotations
 
@@ -7,37 +12,74 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
-import structlog
+
+@dataclass
+class _Config:
+    level: int = logging.WARNING
+    structlog_ready: bool = False
+
+
+_config = _Config()
 
 
 def configure_logging(*, verbose: bool = False, debug: bool = False) -> None:
-    level = logging.DEBUG if debug else logging.INFO if verbose else logging.WARNING
-    renderer: Any = (
-        structlog.dev.ConsoleRenderer(colors=False)
-        if sys.stderr.isatty()
-        else structlog.processors.JSONRenderer(sort_keys=False)
-    )
-    structlog.configure(
-        processors=[
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            renderer,
-        ],
-        wrapper_class=structlog.make_filtering_bound_logger(level),
-        # Logs share stderr with progress lines; stdout is kept for --json and the plan.
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
-        cache_logger_on_first_use=False,
-    )
+    _config.level = logging.DEBUG if debug else logging.INFO if verbose else logging.WARNING
+    _config.structlog_ready = False
 
 
-def get_logger(name: str) -> Any:
+def _structlog_logger(name: str) -> Any:
+    import structlog
+
+    if not _config.structlog_ready:
+        renderer: Any = (
+            structlog.dev.ConsoleRenderer(colors=False)
+            if sys.stderr.isatty()
+            else structlog.processors.JSONRenderer(sort_keys=False)
+        )
+        structlog.configure(
+            processors=[
+                structlog.processors.add_log_level,
+                structlog.processors.TimeStamper(fmt="iso", utc=True),
+                renderer,
+            ],
+            wrapper_class=structlog.make_filtering_bound_logger(_config.level),
+            # Logs share stderr with progress lines; stdout is kept for --json and the plan.
+            logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+            cache_logger_on_first_use=False,
+        )
+        _config.structlog_ready = True
     return structlog.get_logger(name)
 
 
+@dataclass(frozen=True)
+class Logger:
+    """The few methods petitkexec logs with; an event below the level costs a comparison."""
+
+    name: str
+
+    def _log(self, level: int, event: str, fields: dict[str, Any]) -> None:
+        if level >= _config.level:
+            _structlog_logger(self.name).log(level, event, **fields)
+
+    def debug(self, event: str, **fields: Any) -> None:
+        self._log(logging.DEBUG, event, fields)
+
+    def info(self, event: str, **fields: Any) -> None:
+        self._log(logging.INFO, event, fields)
+
+    def warning(self, event: str, **fields: Any) -> None:
+        self._log(logging.WARNING, event, fields)
+
+
+def get_logger(name: str) -> Logger:
+    return Logger(name)
+
+
 @contextmanager
-def timed(logger: Any, event: str, **fields: object) -> Iterator[dict[str, object]]:
+def timed(logger: Logger, event: str, **fields: object) -> Iterator[dict[str, object]]:
     """Log how long a phase took; the caller may add fields to the yielded dict."""
     extra: dict[str, object] = {}
     started = time.monotonic()

@@ -7,20 +7,17 @@ failed handoff, a signal, a hung step, and any exception at all, ours or not.
 from __future__ import annotations
 
 import dataclasses
-import os
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import Enum
-from pathlib import Path
 
 from petitkexec.bdf import Bdf
+from petitkexec.environment import Environment
 from petitkexec.errors import ExitCode, PreflightRefused, RolledBack
 from petitkexec.execute import OutcomeCallback, Teardown
-from petitkexec.facts import gather_facts
 from petitkexec.handoff import HandoffResult, LoadRequest, execute_loaded_kernel, load
 from petitkexec.journal import UndoResult
-from petitkexec.kernel import SYSFS_ROOT, Kernel, RealSysfsWriter, SysfsWriter
 from petitkexec.log import get_logger, timed
 from petitkexec.model import SystemFacts, Topology
 from petitkexec.outcome import TeardownReport
@@ -28,30 +25,6 @@ from petitkexec.plan import Plan, build_plan
 from petitkexec.preflight import PreflightInput, check_can_hand_off, check_can_tear_down
 from petitkexec.settings import Settings
 from petitkexec.watchdog import Watchdog, arm, disarm, stop_on_reboot
-
-
-@dataclass
-class Environment:
-    """What the commands act on; tests hand in a simulated kernel."""
-
-    sysfs_root: Path = SYSFS_ROOT
-    proc_root: Path = Path("/proc")
-    discover: Callable[[], Topology] | None = None  # None: petitkexec.discovery
-    writer: SysfsWriter = field(default_factory=RealSysfsWriter)
-    euid: int = field(default_factory=os.geteuid)
-
-    def kernel(self) -> Kernel:
-        return Kernel(self.sysfs_root, self.writer)
-
-    def topology(self) -> Topology:
-        if self.discover is not None:
-            return self.discover()
-        from petitkexec.discovery import discover_topology  # pyudev loads only to discover
-
-        return discover_topology(self.sysfs_root)
-
-    def facts(self) -> SystemFacts:
-        return gather_facts(self.sysfs_root, self.proc_root)
 
 
 @dataclass(frozen=True)

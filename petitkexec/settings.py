@@ -23,11 +23,6 @@ from petitkexec.errors import UsageError
 from petitkexec.policy import DeviceSpec, Policy
 from petitkexec.quirks import QUIRKS
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - exercised on 3.10 only
-    import tomli as tomllib
-
 DEFAULT_CONFIG_PATH = Path("/etc/petitkexec.toml")
 
 
@@ -314,6 +309,10 @@ def load_config(path: Path | None, euid: int = -1) -> tuple[dict[str, Any], str]
         path, option = DEFAULT_CONFIG_PATH, str(DEFAULT_CONFIG_PATH)
     else:
         option = "--config"
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover - exercised on 3.10 only
+        import tomli as tomllib
     try:
         with path.open("rb") as handle:
             if euid == 0:

@@ -8,7 +8,7 @@ from pathlib import Path
 from click.testing import CliRunner, Result
 
 from petitkexec.cli import cli
-from petitkexec.run import Environment
+from petitkexec.environment import Environment
 from tests.simkernel import SimKernel
 
 ROOT_MOUNT = "22 1 254:0 / / rw,relatime shared:1 - ext4 /dev/vda rw\n"

@@ -9,8 +9,8 @@ import pytest
 from click.testing import CliRunner
 
 from petitkexec.cli import cli
+from petitkexec.environment import Environment
 from petitkexec.errors import ExitCode
-from petitkexec.run import Environment
 from tests.clirun import environment, fake_kexec, invoke, shell_script
 from tests.conftest import SimFactory
 
@@ -223,9 +223,9 @@ def test_exec_loads_with_s_under_lockdown_then_tears_down(
 def test_exec_without_a_kexec_binary_refuses_unless_syscall(
     make_sim: SimFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import petitkexec.cli
+    import petitkexec.handoff
 
-    monkeypatch.setattr(petitkexec.cli, "find_kexec", lambda _explicit, _path=None: None)
+    monkeypatch.setattr(petitkexec.handoff, "find_kexec", lambda _explicit, _path=None: None)
     sim = make_sim()
     result = invoke(environment(sim, tmp_path), "exec")
     assert result.exit_code == ExitCode.PREFLIGHT_REFUSED

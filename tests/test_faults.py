@@ -18,10 +18,10 @@ import pytest
 import petitkexec.discovery as discovery
 import petitkexec.run
 from petitkexec.bdf import Bdf
+from petitkexec.environment import Environment
 from petitkexec.errors import ExitCode
 from petitkexec.handoff import find_kexec
 from petitkexec.model import Topology
-from petitkexec.run import Environment
 from tests.clirun import environment, fake_kexec, invoke, shell_script
 from tests.conftest import SimFactory, q35_like
 from tests.simkernel import SimFunction, SimKernel, root_port

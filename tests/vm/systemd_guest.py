@@ -1,8 +1,11 @@
 """A real Debian 12 systemd guest for `systemctl kexec` with petitkexec's shutdown hook.
 
-    images = systemd_images()                       # build once, cached in .cache/vm/systemd/
-    run = boot_systemd(images, mode="kexec")        # one QEMU run: boot, systemctl kexec, boot 2
+    images = build()                           # cached in .cache/vm/systemd/
+    run = boot_systemd(images, mode="kexec")   # one QEMU run: boot, systemctl kexec, boot 2
     assert run.second_up and run.verify_passed, run.tail()
+
+By hand: ``python -m tests.vm.systemd_guest [--force] [kexec] [hang]`` builds (``--force``:
+from scratch), then boots each mode with the console on stderr.
 
 The root file system is Debian's own packages put together by `mmdebstrap` (bookworm, amd64,
 from the Debian mirror the host's apt is configured with), with petitkexec installed from the
@@ -10,7 +13,7 @@ working tree the README's way (`pip install .` inside the root) and `petitkexec 
 run there. It is cached in two steps, each keyed by a hash of what shapes it:
 
 - ``base-<key>.tar``: mmdebstrap's output (the package list, the debconf and initramfs settings
-  below). The cold build downloads ~200 MB and takes about 3 minutes;
+  below). The cold build downloads ~200 MB and takes about 3 minutes here;
 - ``image-<key>/``: the base plus petitkexec and the test's guest files, as a tree (exported
   over virtio-9p when 9p is the root) and as ``root.ext4`` (``mkfs.ext4 -d``). Keyed also by
   the project's files (pyproject, petitkexec/, systemd/ ...), so an edit rebuilds only this.
@@ -18,12 +21,12 @@ run there. It is cached in two steps, each keyed by a hash of what shapes it:
 The guest runs the test by itself (``pktest.service``, after multi-user.target):
 
 - first boot: lists its devices (``FIRST-DEVICE``), runs ``systemd-analyze verify`` on the two
-  units (``PKTEST-ANALYZE``), ``petitkexec plan`` (``PKTEST-PLAN``), ``kexec -l`` with its own
-  command line plus ``pktest=second``, prints ``PKTEST-SYSTEMCTL-KEXEC uptime=S`` and runs
-  ``systemctl kexec``. systemd's shutdown runs the hook, which logs ``petitkexec: ...`` lines to
-  the kernel log (``loglevel=7`` puts them on the console), then execs ``/sbin/kexec -e``: a
-  wrapper that prints ``READBACK`` lines (driver and PCI COMMAND of every function, read with
-  coreutils' ``od``, not by petitkexec) and execs the real kexec-tools (``/sbin/kexec.real``);
+  units (``PKTEST-ANALYZE``), ``kexec -l`` with its own command line plus ``pktest=second``,
+  prints ``PKTEST-SYSTEMCTL-KEXEC uptime=S`` and runs ``systemctl kexec``. systemd's shutdown
+  runs the hook, which logs ``petitkexec: ...`` lines to the kernel log (``loglevel=7`` puts
+  them on the console), then execs ``/sbin/kexec -e``: a wrapper that prints ``READBACK``
+  lines (driver and PCI COMMAND of every function, read with coreutils' ``od``, not by
+  petitkexec) and execs the real kexec-tools (``/sbin/kexec.real``);
 - second boot (``pktest=second``): ``PETITKEXEC-SECOND-UP <marker> uptime=S``, its devices
   (``SECOND-DEVICE``), petitkexec-verify.service's result (``PKTEST-VERIFY``), ``SECOND-DONE``,
   then it powers off.
@@ -112,7 +115,7 @@ ROOT_BDF = "0000:01:00.0"  # virtio-blk behind root port 00:02.0: the root disk 
 ROOT_PORT_BDF = "0000:00:02.0"
 VIRTFS_BDF = "0000:00:09.0"  # virtio-9p: the root file system (mode hang)
 VIRTFS_TAG = "pkroot"
-NINEP_ROOTFLAGS = "trans=virtio,version=9p2000.L,msize=262144"
+NINEP_ROOTFLAGS = "trans=virtio,version=9p2000.L,msize=262144,cache=loose"
 TOPOLOGY: tuple[str, ...] = (
     *(
         f"-device pcie-root-port,id=rp{n},chassis={n},slot={n},bus=pcie.0,addr={n + 1:#x}"
@@ -164,7 +167,9 @@ second)
         "condition=$(systemctl show -P ConditionResult petitkexec-verify.service)"
     journalctl -b -o cat -u petitkexec-verify.service | sed 's/^/PKTEST-VERIFY-LOG /'
     echo "SECOND-DONE uptime=$(up)"
-    systemctl --no-block poweroff
+    # --force: no unit is stopped (petitkexec-snapshot's ExecStop would take ~15 s under TCG);
+    # systemd-shutdown still runs, and with it the hook (argv[1] poweroff: it does nothing).
+    systemctl --no-block --force poweroff
     ;;
 *)
     echo "PKTEST-FIRST-UP $marker mode=$mode uptime=$(up)"
@@ -184,7 +189,6 @@ second)
     echo "PKTEST-ANALYZE-EXIT $status"
     echo "PKTEST-SNAPSHOT-UNIT $(systemctl is-active petitkexec-snapshot.service)"
     echo "PKTEST-DEFAULTS $(grep '^PETITKEXEC=' /etc/default/petitkexec)"
-    petitkexec plan 2>&1 | sed 's/^/PKTEST-PLAN /'
     append=
     for word in $(cat /proc/cmdline); do
         case $word in pktest=*|pkunprotect=*) ;; *) append="$append $word";; esac
@@ -558,28 +562,27 @@ def build(*, force: bool = False) -> SystemdImages:
 # ---------------------------------------------------------------------------------------------
 # Booting
 
+# systemd-shutdown (252) prints this, then runs /usr/lib/systemd/system-shutdown/* at once.
+SHUTDOWN_DETACHED = "All filesystems, swaps, loop devices, MD devices and DM devices detached"
 _PRINTK = re.compile(r"^\[\s*(\d+\.\d+)\]\s(.*)$")
 _UPTIME = re.compile(r"\buptime=(\d+\.\d+)")
+_STEP = re.compile(r"^\[\s*\d+/\d+\]\s+(\S+)\s+(\S+)\s+(.*)$")
 
 
 @dataclasses.dataclass(frozen=True)
-class SystemdRun:
-    """One QEMU run of the systemd guest: guest.GuestRun (READBACK, SECOND-DEVICE, the marker,
-    timings) plus what this guest says."""
+class SystemdRun(guest.GuestRun):
+    """One QEMU run of the systemd guest: a guest.GuestRun (READBACK, SECOND-DEVICE, the
+    marker, timings, the log) plus what this guest says."""
 
-    run: guest.GuestRun
-    mode: str
-    arrivals: list[tuple[float, str]]  # (seconds after QEMU started, console line)
-
-    def __getattr__(self, name: str) -> object:  # the GuestRun's fields and methods
-        return getattr(self.run, name)
+    mode: str = "kexec"
+    arrivals: list[tuple[float, str]] = dataclasses.field(default_factory=list)  # (host s, line)
 
     def tail(self, lines: int = 80) -> str:
-        return self.run.tail(lines)
+        return super().tail(lines)
 
     def lines_with(self, word: str) -> list[str]:
         """Console lines containing `word`, from `word` on (a kernel prefix cut off)."""
-        return [line[line.index(word) :] for line in self.run.log.splitlines() if word in line]
+        return [line[line.index(word) :] for line in self.log.splitlines() if word in line]
 
     def values(self, word: str) -> list[str]:
         return [line[len(word) :].strip() for line in self.lines_with(word + " ")]
@@ -588,7 +591,7 @@ class SystemdRun:
     def hook_lines(self) -> list[tuple[float | None, str]]:
         """The hook's report as the kernel printed it: (printk time, text after `petitkexec: `)."""
         found = []
-        for line in self.run.log.splitlines():
+        for line in self.log.splitlines():
             at = line.find("petitkexec: ")
             if at < 0:
                 continue
@@ -599,6 +602,16 @@ class SystemdRun:
     @property
     def hook_text(self) -> list[str]:
         return [text for _, text in self.hook_lines]
+
+    @property
+    def steps(self) -> dict[str, tuple[str, str]]:
+        """The hook's step lines (`[ 7/14] BDF ACTION  DETAIL`): BDF -> (action, detail)."""
+        found = {}
+        for text in self.hook_text:
+            m = _STEP.match(text)
+            if m:
+                found[m.group(1)] = (m.group(2), m.group(3))
+        return found
 
     @property
     def teardown_exit(self) -> int | None:
@@ -647,14 +660,20 @@ class SystemdRun:
         return None
 
     def printk_time(self, text: str) -> float | None:
-        """The kernel time stamp of the last console line containing `text`."""
-        found = None
-        for line in self.run.log.splitlines():
-            if text in line:
-                m = _PRINTK.match(line)
-                if m:
-                    found = float(m.group(1))
-        return found
+        """The kernel time stamp of the first console line containing `text`."""
+        for line in self.log.splitlines():
+            m = _PRINTK.match(line)
+            if m and text in m.group(2):
+                return float(m.group(1))
+        return None
+
+    @property
+    def hook_seconds(self) -> float | None:
+        """Guest clock: from systemd-shutdown's last message before it runs the hooks to the
+        hook's `teardown exit` line (the hook's own run, Python start-up included)."""
+        start = self.printk_time(SHUTDOWN_DETACHED)
+        end = self.printk_time("petitkexec: teardown exit")
+        return None if start is None or end is None else end - start
 
     @property
     def systemctl_kexec_to_second_guest_seconds(self) -> float | None:
@@ -662,8 +681,8 @@ class SystemdRun:
         to the first kernel's "Starting new kernel", plus the second kernel's uptime at its
         marker (purgatory and decompression are not on either clock)."""
         start = self.uptime("PKTEST-SYSTEMCTL-KEXEC")
-        handoff = self.run.guest_times.get("starting_new_kernel")
-        second = self.run.guest_times.get("second_up")
+        handoff = self.guest_times.get("starting_new_kernel")
+        second = self.guest_times.get("second_up")
         if start is None or handoff is None or second is None:
             return None
         return handoff - start + second
@@ -818,19 +837,17 @@ def boot_systemd(
     shutil.rmtree(work, ignore_errors=True)
     report = guest.parse_console(lines, marker)
     return SystemdRun(
-        guest.GuestRun(
-            **vars(report),
-            log="\n".join(line for _, line in lines),
-            log_path=log_path,
-            marker=marker,
-            timed_out=timed_out,
-            poweroff_hung=poweroff_hung,
-            qemu_returncode=proc.returncode,
-            wall_seconds=wall,
-            qemu_args=command,
-        ),
-        mode,
-        lines,
+        **vars(report),
+        log="\n".join(line for _, line in lines),
+        log_path=log_path,
+        marker=marker,
+        timed_out=timed_out,
+        poweroff_hung=poweroff_hung,
+        qemu_returncode=proc.returncode,
+        wall_seconds=wall,
+        qemu_args=command,
+        mode=mode,
+        arrivals=lines,
     )
 
 
