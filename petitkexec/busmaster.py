@@ -121,8 +121,8 @@ class BusMasterClearer:
             )
         return self._read_back(
             step,
-            f"bus master cleared through enable (count {original_count} → 0; "
-            "config writes blocked: EPERM)",
+            f"bus master cleared through enable (config writes blocked: EPERM; "
+            f"count {original_count} → 0)",
         )
 
     def _read_back(self, step: Step, done: str) -> StepOutcome:
