@@ -308,6 +308,7 @@ def _run_layer(
     load_second: bool,
     second_append: str,
     virtfs: bool,
+    extra_files: dict[str, bytes],
 ) -> Path:
     """The run's own initramfs layer: /scenario.sh, /etc/stage1.conf and the second scenario
     (as a cpio that stage 1 appends to the second kernel's initramfs)."""
@@ -327,6 +328,7 @@ def _run_layer(
                 "scenario.sh": scenario.encode(),
                 "etc/stage1.conf": conf.encode(),
                 "boot/second-extra.cpio.gz": extra.read_bytes(),
+                **extra_files,
             },
         )
 
@@ -425,6 +427,7 @@ def boot(
     echo: bool | None = None,
     virtfs: bool = False,
     capture_path: Path | None = None,
+    extra_files: dict[str, bytes] | None = None,
 ) -> GuestRun:
     """Boot stage 1 on `machine` with `scenario` (busybox sh script) and return what happened.
 
@@ -434,7 +437,8 @@ def boot(
     - timeout: default machine.timeout; images: default the machine's lane's current images;
     - echo: copy the console to stderr as it arrives (default: $PETITKEXEC_VM_ECHO);
     - virtfs, capture_path: extra_qemu_args has a virtio-9p share (stage 1 exports its tag as
-      $PK_VIRTFS_TAG) or a serial port written to capture_path (kept in the GuestRun).
+      $PK_VIRTFS_TAG) or a serial port written to capture_path (kept in the GuestRun);
+    - extra_files: more files for this run's layer (path in the guest → bytes, mode 0644).
     """
     images = images or current_images(machine.lane)
     echo = bool(os.environ.get("PETITKEXEC_VM_ECHO")) if echo is None else echo
@@ -462,6 +466,7 @@ def boot(
         load_second=load_second,
         second_append=second_append,
         virtfs=virtfs,
+        extra_files=extra_files or {},
     )
     initrd = work / "initrd.cpio.gz"
     with open(initrd, "wb") as out:

@@ -101,9 +101,13 @@ def build_stage1(
     rb.add_elf_closure("sbin/kexec")
     rb.symlink("usr/sbin/kexec", "/sbin/kexec")
     install_python(rb)
-    # pyudev loads libudev through ctypes.util.find_library("udev"), which parses the output
-    # of `/sbin/ldconfig -p`: it needs both the ld cache and the ldconfig binary.
-    rb.add_elf_closure(f"usr/lib/{lane.triplet}/libudev.so.1", "sbin/ldconfig")
+    # Like a firmware image, no ldconfig binary: pyudev's ctypes.util.find_library("udev")
+    # (`/sbin/ldconfig -p`) finds nothing, and petitkexec must load libudev by its soname.
+    # One scenario adds it back, as distributions have it. A lane whose /init builds the ld
+    # cache at boot (boot_init) needs it there.
+    rb.add_elf_closure(f"usr/lib/{lane.triplet}/libudev.so.1")
+    if lane.boot_init is not None:
+        rb.add_elf_closure("sbin/ldconfig")
     if lane.stage1_programs:
         rb.add_elf_closure(*lane.stage1_programs)
     for link, target in lane.stage1_links:

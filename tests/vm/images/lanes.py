@@ -18,7 +18,7 @@ REPO_ROOT = Path(__file__).resolve().parents[3]
 # guest has the BASE_PACKAGES; the q35 lane's has more.
 BASE_PACKAGES = (
     "libc6",
-    "libc-bin",  # /sbin/ldconfig: ctypes.util.find_library runs `ldconfig -p` (pyudev)
+    "libc-bin",  # /sbin/ldconfig, for the one scenario that runs with it (and PowerNV's /init)
     "busybox-static",
     "kexec-tools",
     "python3.11-minimal",
