@@ -1,9 +1,10 @@
-"""Carry out a plan: waves in order, slow steps of a wave side by side, a report at the end."""
+"""Carry out a plan: each step as soon as what it depends on is done, independent ones side by
+side; a report with the wall time and the critical path at the end."""
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
-import itertools
 import signal
 import time
 from collections.abc import Callable, Iterator
@@ -19,7 +20,7 @@ from petitkexec.kernel import Kernel
 from petitkexec.model import Topology
 from petitkexec.outcome import Pending, Status, StepOutcome, TeardownReport
 from petitkexec.plan import Action, Plan, Step
-from petitkexec.settings import ExecutionOptions
+from petitkexec.settings import MAX_AUTO_JOBS, ExecutionOptions
 from petitkexec.unbind import Unbinder
 
 OutcomeCallback = Callable[[int, int, StepOutcome], None]
@@ -51,18 +52,63 @@ class Teardown:
         )
 
     def run(self) -> TeardownReport:
+        """Every step starts as soon as the steps below it have finished (a PF after its VFs,
+        a bridge after everything below it, a reset after the bridge), up to `jobs` children
+        at a time: a slow remove() delays only what sits above it."""
         outcomes: list[StepOutcome] = []
-        stopped_because = None
+        steps = self.plan.steps
+        waiting_for = dependencies(self.topology, steps)
+        dependents: dict[int, list[int]] = {i: [] for i in range(len(steps))}
+        for index, needs in waiting_for.items():
+            for need in needs:
+                dependents[need].append(index)
+        ready = sorted(i for i, needs in waiting_for.items() if not needs)
+        jobs = self.options.jobs or min(
+            MAX_AUTO_JOBS, max(1, sum(1 for step in steps if self._runs_in_a_child(step)))
+        )
+        running: dict[Child, tuple[int, Pending]] = {}
+        busy_slots: set[tuple[int, int, int]] = set()
+        began = time.monotonic()
+
+        def finish(index: int, outcome: StepOutcome) -> None:
+            outcomes.append(outcome)
+            if self.on_outcome is not None:
+                self.on_outcome(len(outcomes), len(steps), outcome)
+            for dependent in dependents[index]:
+                waiting_for[dependent].discard(index)
+                if not waiting_for[dependent]:
+                    bisect.insort(ready, dependent)
+
         with self._signals_stop_the_run():
-            for _wave, group in itertools.groupby(self.plan.steps, key=lambda step: step.wave):
-                if self.interrupted_by is not None or self.budget.exhausted:
-                    break
-                for outcome in self._run_wave(list(group)):
-                    outcomes.append(outcome)
-                    if self.on_outcome is not None:
-                        self.on_outcome(len(outcomes), len(self.plan.steps), outcome)
-                if any(outcome.status is Status.HUNG for outcome in outcomes):
-                    break
+            while ready or running:
+                for index in list(ready):
+                    if self._should_stop(outcomes):
+                        break
+                    step = steps[index]
+                    if not self._runs_in_a_child(step):
+                        ready.remove(index)
+                        finish(index, self._timed(step))
+                        continue
+                    if len(running) >= jobs or step.bdf.slot in busy_slots:
+                        continue  # the functions of one device one at a time
+                    ready.remove(index)
+                    started = self._begin(step)
+                    if isinstance(started, StepOutcome):
+                        finish(index, self._with_elapsed(started, time.monotonic()))
+                    else:
+                        running[started.child] = (index, started)
+                        busy_slots.add(step.bdf.slot)
+                if self._should_stop(outcomes):
+                    ready.clear()
+                if running:
+                    child, result = wait_first(running)
+                    index, pending = running.pop(child)
+                    busy_slots.discard(steps[index].bdf.slot)
+                    finish(index, self._with_elapsed(pending.finish(result), pending.began))
+        return self._report(outcomes, time.monotonic() - began)
+
+    def _report(self, outcomes: list[StepOutcome], wall_s: float) -> TeardownReport:
+        stopped_because = None
         hung = tuple(o for o in outcomes if o.status is Status.HUNG)
         if hung:
             stopped_because = "; ".join(
@@ -81,43 +127,12 @@ class Teardown:
             tuple(o.step.bdf for o in hung),
             self.interrupted_by is not None,
             rollback,
+            wall_ms=round(wall_s * 1000, 1),
+            critical_path=critical_path(self.topology, self.plan.steps, outcomes),
         )
 
-    def _run_wave(self, steps: list[Step]) -> list[StepOutcome]:
-        """Unbinds and resets side by side (one at a time per multi-function slot, at most
-        `jobs`), then the quick steps; no new step starts after a hang or a signal."""
-        results: dict[int, StepOutcome] = {}
-        slow = [
-            i
-            for i, step in enumerate(steps)
-            if step.action in (Action.UNBIND, Action.RESET_BUS) and not self.options.dry_run
-        ]
-        running: dict[Child, tuple[int, Pending]] = {}
-        busy_slots: set[tuple[int, int, int]] = set()
-        while slow or running:
-            if self._should_stop(results):
-                slow.clear()
-            for i in list(slow):
-                if len(running) >= self.options.jobs:
-                    break
-                if steps[i].bdf.slot in busy_slots:
-                    continue
-                slow.remove(i)
-                started = self._begin(steps[i])
-                if isinstance(started, StepOutcome):
-                    results[i] = self._with_elapsed(started, time.monotonic())
-                else:
-                    running[started.child] = (i, started)
-                    busy_slots.add(steps[i].bdf.slot)
-            if running:
-                child, result = wait_first(running)
-                i, pending = running.pop(child)
-                busy_slots.discard(steps[i].bdf.slot)
-                results[i] = self._with_elapsed(pending.finish(result), pending.began)
-        for i, step in enumerate(steps):
-            if i not in results and not self._should_stop(results):
-                results[i] = self._timed(step)
-        return [results[i] for i in sorted(results)]
+    def _runs_in_a_child(self, step: Step) -> bool:
+        return step.action in (Action.UNBIND, Action.RESET_BUS) and not self.options.dry_run
 
     def _begin(self, step: Step) -> StepOutcome | Pending:
         if step.action is Action.UNBIND:
@@ -129,8 +144,8 @@ class Teardown:
         elapsed_ms = round((time.monotonic() - began) * 1000, 2)
         return dataclasses.replace(outcome, elapsed_ms=elapsed_ms)
 
-    def _should_stop(self, results: dict[int, StepOutcome]) -> bool:
-        hung = any(outcome.status is Status.HUNG for outcome in results.values())
+    def _should_stop(self, outcomes: list[StepOutcome]) -> bool:
+        hung = any(outcome.status is Status.HUNG for outcome in outcomes)
         return hung or self.interrupted_by is not None or self.budget.exhausted
 
     @contextmanager
@@ -171,3 +186,44 @@ class Teardown:
         if isinstance(started, StepOutcome):
             return started
         return started.finish(wait_first([started.child])[1])
+
+
+def dependencies(topology: Topology, steps: tuple[Step, ...]) -> dict[int, set[int]]:
+    """For each step, the steps that must finish first, by index.
+
+    The kernel's reasons: unbinding a PF removes its VFs (VFs first); unbinding a bridge's
+    pcieport disables the port and cuts DMA below it (everything below first); a bus reset
+    restores config as saved (after the bridge, and so after its whole subtree)."""
+    decision_of = {
+        step.bdf: i for i, step in enumerate(steps) if step.action is not Action.RESET_BUS
+    }
+    needs: dict[int, set[int]] = {}
+    for index, step in enumerate(steps):
+        if step.action is Action.RESET_BUS:
+            below = [step.bdf]
+        else:
+            below = [*topology.children(step.bdf), *topology.vfs(step.bdf)]
+        needs[index] = {decision_of[bdf] for bdf in below if bdf in decision_of} - {index}
+    return needs
+
+
+def critical_path(
+    topology: Topology, steps: tuple[Step, ...], outcomes: list[StepOutcome]
+) -> tuple[tuple[str, float], ...]:
+    """The chain of dependent steps whose times add up the most: what no number of --jobs
+    can make faster. (step, elapsed ms) from the first to the last."""
+    index_of = {(o.step.bdf, o.step.action): i for i, o in enumerate(outcomes)}
+    plan_index = {id(step): i for i, step in enumerate(steps)}  # outcomes carry the plan's steps
+    needs = dependencies(topology, steps)
+    best: dict[int, tuple[float, tuple[tuple[str, float], ...]]] = {}
+    for position, outcome in enumerate(outcomes):  # in completion order: needs come first
+        step_index = plan_index[id(outcome.step)]
+        before = [
+            best[index_of[(steps[n].bdf, steps[n].action)]]
+            for n in needs[step_index]
+            if (steps[n].bdf, steps[n].action) in index_of
+        ]
+        total, chain = max(before, default=(0.0, ()))
+        label = f"{outcome.step.action.value} {outcome.step.bdf}"
+        best[position] = (total + outcome.elapsed_ms, (*chain, (label, outcome.elapsed_ms)))
+    return max(best.values(), default=(0.0, ()))[1]

@@ -56,6 +56,14 @@ class TeardownReport:
     hung: tuple[Bdf, ...] = ()
     interrupted: bool = False
     rollback: tuple[UndoResult, ...] = ()
+    wall_ms: float = 0.0
+    # The dependent steps whose times add up the most, (step, elapsed ms) in order: what no
+    # number of --jobs can make faster.
+    critical_path: tuple[tuple[str, float], ...] = ()
+
+    @property
+    def critical_path_ms(self) -> float:
+        return round(sum(ms for _step, ms in self.critical_path), 1)
 
     @property
     def failed(self) -> tuple[StepOutcome, ...]:

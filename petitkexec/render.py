@@ -97,6 +97,12 @@ def report_lines(report: TeardownReport) -> list[str]:
     lines += [f"FAILED {outcome.step.bdf}: {outcome.detail}" for outcome in report.failed]
     if report.stopped_because:
         lines.append(f"stopped: {report.stopped_because}")
+    if report.outcomes:
+        chain = " → ".join(step for step, _ms in report.critical_path)
+        lines.append(
+            f"wall time {report.wall_ms:.0f} ms; critical path {report.critical_path_ms:.0f} ms"
+            + (f" ({chain})" if chain else "")
+        )
     return lines + rollback_lines(report.rollback)
 
 
@@ -126,6 +132,9 @@ def report_to_json(report: TeardownReport) -> dict[str, Any]:
             for o in report.outcomes
         ],
         "stopped_because": report.stopped_because,
+        "wall_ms": report.wall_ms,
+        "critical_path_ms": report.critical_path_ms,
+        "critical_path": [{"step": step, "elapsed_ms": ms} for step, ms in report.critical_path],
         "hung": [str(bdf) for bdf in report.hung],
         "rollback": rollback_to_json(report.rollback),
     }

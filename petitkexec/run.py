@@ -70,7 +70,7 @@ class Handoff(Enum):
 
     DRY_RUN = "not attempted (dry run)"
     WITHHELD = "not attempted (--strict: a step failed)"
-    UNSAFE = "not attempted (the kernel's shutdown would hang too)"
+    UNSAFE = "not attempted (a step hung, or the run was interrupted)"
     FAILED = "failed"
 
 

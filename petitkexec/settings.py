@@ -110,7 +110,9 @@ DEFAULT_UNBIND_TIMEOUT_S = 5.0
 # past that it is stuck in the kernel, holding the locks of every device below.
 DEFAULT_RESET_TIMEOUT_S = 75.0
 # Independent remove() calls run side by side: a slow one costs its own time, not everyone's.
-DEFAULT_JOBS = 8
+# By default as many as there are unbinds and resets to do (each is a child process that
+# mostly sleeps in the kernel), up to this many.
+MAX_AUTO_JOBS = 64
 
 SETTINGS = (
     Setting(
@@ -206,10 +208,10 @@ SETTINGS = (
     Setting(
         "jobs",
         "--jobs",
-        "Unbind up to this many independent devices side by side (1: one at a time).",
+        "Unbind up to this many independent devices side by side (1: one at a time) "
+        f"[default: every independent one, at most {MAX_AUTO_JOBS}].",
         _count,
         Scope.EXECUTE,
-        default=DEFAULT_JOBS,
         config_key="jobs",
         metavar="N",
     ),
@@ -243,7 +245,7 @@ class ExecutionOptions:
     reset_timeout_s: float = DEFAULT_RESET_TIMEOUT_S
     time_limit_s: float | None = None
     rollback: bool = True
-    jobs: int = DEFAULT_JOBS
+    jobs: int | None = None  # None: every independent step at once, up to MAX_AUTO_JOBS
     raw_sbr: bool = False
     dry_run: bool = False
 
