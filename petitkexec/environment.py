@@ -19,12 +19,6 @@ if TYPE_CHECKING:
 SYSFS_ROOT = Path("/sys")
 
 
-def _real_writer() -> SysfsWriter:
-    from petitkexec.kernel import RealSysfsWriter
-
-    return RealSysfsWriter()
-
-
 @dataclass
 class Environment:
     """What the commands act on; tests hand in a simulated kernel."""
@@ -32,13 +26,13 @@ class Environment:
     sysfs_root: Path = SYSFS_ROOT
     proc_root: Path = Path("/proc")
     discover: Callable[[], Topology] | None = None  # None: petitkexec.discovery
-    writer: SysfsWriter = field(default_factory=_real_writer)
+    writer: SysfsWriter | None = None  # None: the real one (write(2) on sysfs files)
     euid: int = field(default_factory=os.geteuid)
 
     def kernel(self) -> Kernel:
-        from petitkexec.kernel import Kernel
+        from petitkexec.kernel import Kernel, RealSysfsWriter
 
-        return Kernel(self.sysfs_root, self.writer)
+        return Kernel(self.sysfs_root, self.writer or RealSysfsWriter())
 
     def topology(self) -> Topology:
         if self.discover is not None:

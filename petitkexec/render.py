@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from petitkexec.bdf import Bdf
-from petitkexec.journal import UndoResult
 from petitkexec.model import PciFunction, SystemFacts, Topology
-from petitkexec.outcome import StepOutcome, TeardownReport
 from petitkexec.plan import Action, Plan
+
+if TYPE_CHECKING:  # the teardown's types: `plan` never loads the executor
+    from petitkexec.journal import UndoResult
+    from petitkexec.outcome import StepOutcome, TeardownReport
 
 
 def describe_function(function: PciFunction) -> str:

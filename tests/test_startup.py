@@ -7,7 +7,15 @@ import subprocess
 import sys
 from pathlib import Path
 
-HEAVY = ("structlog", "asyncio", "pyudev", "petitkexec.execute", "petitkexec.run")
+HEAVY = (
+    "structlog",
+    "asyncio",
+    "pyudev",
+    "petitkexec.execute",
+    "petitkexec.run",
+    "petitkexec.kernel",
+    "petitkexec.journal",
+)
 
 
 def modules_loaded_by(args: list[str]) -> set[str]:
