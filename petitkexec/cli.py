@@ -326,6 +326,13 @@ def teardown(as_json: bool, **given: Any) -> None:
     help="Hand off with reboot(LINUX_REBOOT_CMD_KEXEC) instead of `kexec -e` (images without "
     "kexec-tools; --load still needs a binary).",
 )
+@click.option(
+    "--next-kernel-reset-phbs",
+    "reset_phbs",
+    is_flag=True,
+    help="With --load: add ppc_pci_reset_phbs to the next kernel's command line, so it resets "
+    "every PHB at boot (POWER; for xHCI controllers that do not halt across a kexec).",
+)
 @click.option("--strict", is_flag=True, help="Do not hand off if any teardown step failed.")
 @click.option(
     "--watchdog",
@@ -344,6 +351,7 @@ def exec_command(
     dtb: Path | None,
     kexec_path: str | None,
     syscall: bool,
+    reset_phbs: bool,
     strict: bool,
     watchdog_s: int | None,
     kexec_args: tuple[str, ...],
@@ -359,8 +367,12 @@ def exec_command(
 
     if append is not None and reuse_cmdline:
         raise UsageError("--append", append, "cannot be combined with --reuse-cmdline")
-    if load_kernel is None and (initrd or append or reuse_cmdline or dtb):
-        raise UsageError("--initrd/--append/--reuse-cmdline/--dtb", "", "need --load KERNEL")
+    if load_kernel is None and (initrd or append or reuse_cmdline or dtb or reset_phbs):
+        raise UsageError(
+            "--initrd/--append/--reuse-cmdline/--dtb/--next-kernel-reset-phbs",
+            "",
+            "need --load KERNEL",
+        )
     kexec = find_kexec(kexec_path)
     if kexec_path is not None and kexec is None:
         raise UsageError("--kexec", kexec_path, "is not an executable file")
@@ -379,11 +391,20 @@ def exec_command(
             reuse_cmdline,
             dtb,
             file_load=prepared.facts.needs_file_load,
+            reset_phbs=reset_phbs,
+            running_cmdline=_running_cmdline(environment) if reset_phbs else "",
         )
     request = HandoffRequest(kexec, syscall, strict, kexec_args, load, watchdog)
     result = exec_(environment, prepared, request, _print_outcome, _handing_off)
     _print_exec_result(result, as_json)
     sys.exit(result.exit_code)
+
+
+def _running_cmdline(environment: Environment) -> str:
+    try:
+        return (environment.proc_root / "cmdline").read_text().strip()
+    except OSError as error:
+        raise PreflightRefused(f"cannot read {environment.proc_root}/cmdline: {error}") from error
 
 
 def _the_watchdog(environment: Environment) -> Watchdog:

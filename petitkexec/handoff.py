@@ -14,6 +14,9 @@ from pathlib import Path
 
 # include/uapi/linux/reboot.h
 LINUX_REBOOT_CMD_KEXEC = 0x45584543
+# The next kernel resets every PHB at boot (arch/powerpc/platforms/powernv/pci-ioda.c): the
+# field fix for xHCI controllers that do not halt across a kexec on POWER (op-build #307).
+RESET_PHBS_PARAMETER = "ppc_pci_reset_phbs"
 # Searched after PATH: where distributions and bootloader images put kexec.
 KEXEC_SEARCH_PATH = ("/usr/sbin", "/sbin", "/usr/bin", "/bin", "/usr/local/sbin")
 
@@ -26,6 +29,10 @@ class LoadRequest:
     reuse_cmdline: bool = False
     dtb: Path | None = None
     file_load: bool = False  # kexec_file_load (-s): the only loader integrity lockdown allows
+    # --next-kernel-reset-phbs: the running kernel's command line (for --reuse-cmdline) is
+    # read here, so that the parameter can be added to it.
+    reset_phbs: bool = False
+    running_cmdline: str = ""
 
     def command(self, kexec: str) -> list[str]:
         argv = [kexec, "-l", str(self.kernel)]
@@ -33,7 +40,10 @@ class LoadRequest:
             argv.append("-s")
         if self.initrd is not None:
             argv.append(f"--initrd={self.initrd}")
-        if self.reuse_cmdline:
+        if self.reset_phbs:
+            base = self.running_cmdline if self.reuse_cmdline else (self.append or "")
+            argv.append(f"--append={' '.join([*base.split(), RESET_PHBS_PARAMETER])}")
+        elif self.reuse_cmdline:
             argv.append("--reuse-cmdline")
         elif self.append is not None:
             argv.append(f"--append={self.append}")

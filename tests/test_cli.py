@@ -236,3 +236,22 @@ def test_exec_without_a_kexec_binary_refuses_unless_syscall(
     dry = invoke(environment(sim, tmp_path), "exec", "--syscall", "--dry-run")
     assert dry.exit_code == ExitCode.OK
     assert "would now run reboot(LINUX_REBOOT_CMD_KEXEC)" in dry.stderr
+
+
+def test_next_kernel_reset_phbs_adds_the_parameter_to_the_reused_command_line(
+    make_sim: SimFactory, tmp_path: Path
+) -> None:
+    sim = make_sim(kexec_loaded=False)
+    env = environment(sim, tmp_path)
+    (tmp_path / "proc" / "cmdline").write_text("root=/dev/sda2 console=hvc0\n")
+    kernel = tmp_path / "vmlinuz"
+    kernel.write_bytes(b"kernel")
+    kexec = scripted_kexec(tmp_path, load_rc=0, exec_rc=1)
+    args = ["exec", "--kexec", str(kexec), "--load", str(kernel)]
+    invoke(env, *args, "--reuse-cmdline", "--next-kernel-reset-phbs")
+    invoke(env, *args, "--append", "quiet", "--next-kernel-reset-phbs")
+    loads = [c for c in (tmp_path / "kexec-calls").read_text().splitlines() if c.startswith("-l")]
+    assert loads == [
+        f"-l {kernel} --append=root=/dev/sda2 console=hvc0 ppc_pci_reset_phbs",
+        f"-l {kernel} --append=quiet ppc_pci_reset_phbs",
+    ]
