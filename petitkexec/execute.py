@@ -193,16 +193,20 @@ def dependencies(topology: Topology, steps: tuple[Step, ...]) -> dict[int, set[i
 
     The kernel's reasons: unbinding a PF removes its VFs (VFs first); unbinding a bridge's
     pcieport disables the port and cuts DMA below it (everything below first); a bus reset
-    restores config as saved (after the bridge, and so after its whole subtree)."""
+    restores config as saved, so it comes after its bridge's subtree. Resets wait for every
+    other step, then run side by side: on PowerNV each is an OPAL call that holds a CPU for
+    seconds (pnv_pci_reset_secondary_bus), and overlapping them with unbinds still running
+    elsewhere made the powernv9 guest's teardown slower (13.5 s against about 10 s)."""
     decision_of = {
         step.bdf: i for i, step in enumerate(steps) if step.action is not Action.RESET_BUS
     }
+    everything_else = set(decision_of.values())
     needs: dict[int, set[int]] = {}
     for index, step in enumerate(steps):
         if step.action is Action.RESET_BUS:
-            below = [step.bdf]
-        else:
-            below = [*topology.children(step.bdf), *topology.vfs(step.bdf)]
+            needs[index] = set(everything_else)
+            continue
+        below = [*topology.children(step.bdf), *topology.vfs(step.bdf)]
         needs[index] = {decision_of[bdf] for bdf in below if bdf in decision_of} - {index}
     return needs
 
