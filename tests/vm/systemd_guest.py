@@ -47,6 +47,7 @@ import hashlib
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -111,6 +112,7 @@ HOST_TOOLS = ("mmdebstrap", "apt-get", "qemu-system-x86_64", "mkfs.ext4", "unsha
 HOST_CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
 GUEST_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
+SMP = 1
 ROOT_BDF = "0000:01:00.0"  # virtio-blk behind root port 00:02.0: the root disk (mode kexec)
 ROOT_PORT_BDF = "0000:00:02.0"
 VIRTFS_BDF = "0000:00:09.0"  # virtio-9p: the root file system (mode hang)
@@ -412,10 +414,9 @@ def _write_guest_files(root: Path) -> str:
     return kver
 
 
-def _chroot_install(root: Path, pip_cache: Path) -> None:
-    """Mount /proc (and pip's cache) in a private mount namespace and run CHROOT_STEPS."""
-    pip_cache.mkdir(parents=True, exist_ok=True)
-    (root / "root/.cache/pip").mkdir(parents=True, exist_ok=True)
+def _chroot_install(root: Path) -> None:
+    """Run CHROOT_STEPS in the root, with /proc mounted in a private mount namespace (gone
+    with it: nothing stays mounted on the host)."""
     shutil.copyfile("/etc/resolv.conf", root / "etc/resolv.conf")  # pip reaches PyPI
     env = {"PATH": GUEST_PATH, "HOME": "/root", "LANG": "C.UTF-8", "TMPDIR": "/tmp"}
     # ... trusting what the host's pip trusts (a machine whose HTTPS goes through a proxy has
@@ -428,29 +429,13 @@ def _chroot_install(root: Path, pip_cache: Path) -> None:
         [
             "set -eu",
             'mount -t proc proc "$1/proc"',
-            'mount --bind "$2" "$1/root/.cache/pip"',
-            *('chroot "$1" ' + " ".join(_sh_quote(a) for a in step) for step in CHROOT_STEPS),
+            *('chroot "$1" ' + shlex.join(step) for step in CHROOT_STEPS),
         ]
     )
     run(
-        [
-            "unshare",
-            "--mount",
-            "--propagation",
-            "private",
-            "sh",
-            "-c",
-            script,
-            "sh",
-            str(root),
-            str(pip_cache),
-        ],
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh", str(root)],
         env=env,
     )
-
-
-def _sh_quote(word: str) -> str:
-    return "'" + word.replace("'", "'\\''") + "'"
 
 
 def _copy_project(dest: Path) -> None:
@@ -478,9 +463,9 @@ def _build_image(base: Path, image: Path) -> dict[str, object]:
         extracted = time.monotonic()
         kver = _write_guest_files(tree)
         _copy_project(tree / "src")
-        _chroot_install(tree, cache() / "pip")
+        _chroot_install(tree)
         shutil.rmtree(tree / "src")
-        shutil.rmtree(tree / "root/.cache", ignore_errors=True)
+        shutil.rmtree(tree / "root/.cache", ignore_errors=True)  # pip's
         (tree / "tmp/host-ca.crt").unlink(missing_ok=True)
         _write_files(tree, AFTER_FILES)
         if not (tree / "usr/sbin/kexec.real").is_file():
@@ -532,10 +517,11 @@ def build(*, force: bool = False) -> SystemdImages:
         if force and image.exists():
             shutil.rmtree(image)
         if not image.exists():
-            for old in root.glob("image-*"):
-                shutil.rmtree(old, ignore_errors=True)
             _build_image(base, image)
             built = True
+            for old in root.glob("image-*"):
+                if old != image:
+                    shutil.rmtree(old, ignore_errors=True)
         info = json.loads((image / "info.json").read_text())
         info["base_build_seconds"] = base_seconds  # None: cached
         base_info = base.with_suffix(".json")
@@ -649,8 +635,8 @@ class SystemdRun(guest.GuestRun):
 
     @property
     def verify_passed(self) -> bool:
-        v = self.verify
-        return v.get("result") == "success" and v.get("status") == "0"
+        v = self.verify  # a failed ConditionPathExists= (no snapshot) is "success" too
+        return (v.get("result"), v.get("status"), v.get("condition")) == ("success", "0", "yes")
 
     def uptime(self, word: str) -> float | None:
         for line in self.lines_with(word + " "):
@@ -720,6 +706,7 @@ def boot_systemd(
     poweroff_grace: float = 60,
     echo: bool | None = None,
     extra_qemu_args: Sequence[str] = (),
+    smp: int = SMP,
 ) -> SystemdRun:
     """One QEMU run (q35, TCG, -no-reboot) of the systemd guest.
 
@@ -744,9 +731,7 @@ def boot_systemd(
     if qemu is None:
         raise RuntimeError(f"{guest.QEMU} not found: see .ci/apt-packages")
     if mode == "hang":
-        root = (
-            f"root={VIRTFS_TAG} rootfstype=9p rootflags=trans=virtio,version=9p2000.L,msize=262144"
-        )
+        root = f"root={VIRTFS_TAG} rootfstype=9p rootflags={NINEP_ROOTFLAGS}"
     else:
         root = "root=/dev/vda"
     args = [
@@ -758,7 +743,7 @@ def boot_systemd(
         "-m",
         "1G",
         "-smp",
-        "1",
+        str(smp),
         "-nographic",
         "-no-reboot",
         "-serial",
