@@ -23,6 +23,7 @@ from petitkexec.errors import SnapshotError, UsageError
 from petitkexec.facts import Mount
 from petitkexec.model import PciFunction
 from petitkexec.policy import DeviceSpec
+from petitkexec.settings import CONFIG_KEYS as SETTING_KEYS
 from petitkexec.settings import load_config, resolve
 from petitkexec.snapshot import snapshot_from_json
 from tests.builders import endpoint
@@ -77,19 +78,7 @@ TOML_VALUES = st.recursive(
     lambda inner: st.lists(inner, max_size=4),
     max_leaves=8,
 )
-CONFIG_KEYS = st.sampled_from(
-    [
-        "exclude",
-        "only",
-        "unprotect",
-        "ignore-quirks",
-        "hot-reset",
-        "unbind-timeout",
-        "reset-timeout",
-        "time-limit",
-        "jobs",
-    ]
-)
+CONFIG_KEYS = st.sampled_from(sorted(SETTING_KEYS))
 
 
 @fuzz
