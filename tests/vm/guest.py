@@ -411,6 +411,62 @@ def parse_console(run_lines: list[tuple[float, str]], marker: str) -> ConsoleRep
     )
 
 
+@dataclasses.dataclass(frozen=True)
+class QemuRun:
+    """What one QEMU process did: its console lines (host arrival time, text) and how it ended."""
+
+    lines: list[tuple[float, str]]
+    timed_out: bool
+    poweroff_hung: bool
+    returncode: int
+    wall_seconds: float
+
+
+def run_qemu(
+    command: Sequence[str],
+    log_path: Path,
+    *,
+    timeout: float,
+    poweroff_grace: float,
+    echo: bool,
+    poll_s: float = 0.1,
+) -> QemuRun:
+    """Run QEMU with its console on stdout (copied to log_path), killed when `timeout` runs
+    out or when power-off does not follow the final line within `poweroff_grace` seconds."""
+    started = time.monotonic()
+    timed_out = poweroff_hung = False
+    with open(log_path, "wb") as log_file:
+        proc = subprocess.Popen(
+            list(command),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        assert proc.stdout is not None
+        reader = _SerialReader(proc.stdout, log_file, started, echo)
+        reader.start()
+        try:
+            while proc.poll() is None:
+                now = time.monotonic()
+                if now - started > timeout:
+                    timed_out = True
+                    break
+                final = reader.final_line_at
+                if final is not None and now - final > poweroff_grace:
+                    poweroff_hung = True
+                    break
+                time.sleep(poll_s)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+            reader.join(timeout=10)
+    wall = time.monotonic() - started
+    with reader.lock:
+        lines = list(reader.lines)
+    return QemuRun(lines, timed_out, poweroff_hung, proc.returncode, wall)
+
+
 def boot(
     machine: Machine,
     scenario: str,
@@ -476,34 +532,8 @@ def boot(
     append = f"console={machine.console} panic=-1 loglevel=6 {kernel_append}".strip()
     args = [*machine.command(images.kernel, initrd, disk, append), *extra_qemu_args]
 
-    started = time.monotonic()
-    timed_out = poweroff_hung = False
-    with open(log_path, "wb") as log_file:
-        proc = subprocess.Popen(
-            args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
-        )
-        assert proc.stdout is not None
-        reader = _SerialReader(proc.stdout, log_file, started, echo)
-        reader.start()
-        try:
-            while proc.poll() is None:
-                now = time.monotonic()
-                if now - started > timeout:
-                    timed_out = True
-                    break
-                final = reader.final_line_at
-                if final is not None and now - final > poweroff_grace:
-                    poweroff_hung = True
-                    break
-                time.sleep(0.1)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait()
-            reader.join(timeout=10)
-    wall = time.monotonic() - started
-    with reader.lock:
-        lines = list(reader.lines)
+    qemu = run_qemu(args, log_path, timeout=timeout, poweroff_grace=poweroff_grace, echo=echo)
+    lines = qemu.lines
     report = parse_console(lines, marker)
     shutil.rmtree(work, ignore_errors=True)
     return GuestRun(
@@ -511,10 +541,10 @@ def boot(
         log="\n".join(line for _, line in lines),
         log_path=log_path,
         marker=marker,
-        timed_out=timed_out,
-        poweroff_hung=poweroff_hung,
-        qemu_returncode=proc.returncode,
-        wall_seconds=wall,
+        timed_out=qemu.timed_out,
+        poweroff_hung=qemu.poweroff_hung,
+        qemu_returncode=qemu.returncode,
+        wall_seconds=qemu.wall_seconds,
         capture_path=capture_path,
         qemu_args=args,
     )

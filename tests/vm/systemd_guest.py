@@ -49,7 +49,6 @@ import os
 import re
 import shlex
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -791,34 +790,15 @@ def boot_systemd(
         ]
     command += list(extra_qemu_args)
 
-    started = time.monotonic()
-    timed_out = poweroff_hung = False
-    with open(log_path, "wb") as log_file:
-        proc = subprocess.Popen(
-            command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
-        )
-        assert proc.stdout is not None
-        reader = guest._SerialReader(proc.stdout, log_file, started, echo)
-        reader.start()
-        try:
-            while proc.poll() is None:
-                now = time.monotonic()
-                if now - started > timeout:
-                    timed_out = True
-                    break
-                final = reader.final_line_at
-                if final is not None and now - final > poweroff_grace:
-                    poweroff_hung = True
-                    break
-                time.sleep(0.2)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait()
-            reader.join(timeout=10)
-    wall = time.monotonic() - started
-    with reader.lock:
-        lines = list(reader.lines)
+    finished = guest.run_qemu(
+        command,
+        log_path,
+        timeout=timeout,
+        poweroff_grace=poweroff_grace,
+        echo=echo,
+        poll_s=0.2,
+    )
+    lines = finished.lines
     shutil.rmtree(work, ignore_errors=True)
     report = guest.parse_console(lines, marker)
     return SystemdRun(
@@ -826,10 +806,10 @@ def boot_systemd(
         log="\n".join(line for _, line in lines),
         log_path=log_path,
         marker=marker,
-        timed_out=timed_out,
-        poweroff_hung=poweroff_hung,
-        qemu_returncode=proc.returncode,
-        wall_seconds=wall,
+        timed_out=finished.timed_out,
+        poweroff_hung=finished.poweroff_hung,
+        qemu_returncode=finished.returncode,
+        wall_seconds=finished.wall_seconds,
         qemu_args=command,
         mode=mode,
         arrivals=lines,
