@@ -14,6 +14,10 @@ PCI_HEADER_TYPE_MULTIFUNCTION = 0x80
 PCI_HEADER_TYPE_BRIDGE = 0x01
 PCI_BRIDGE_CONTROL = 0x3E
 PCI_BRIDGE_CTL_BUS_RESET = 0x0040
+# Base class and subclass (the class code without its programming interface): a PCI-to-PCI
+# bridge, and a semi-transparent one (PCI Code and ID Assignment, class 06h).
+PCI_CLASS_BRIDGE_PCI = 0x0604
+PCI_CLASS_BRIDGE_PCI_SEMI_TRANSPARENT = 0x0609
 CONFIG_GONE = 0xFFFF  # what a vanished, link-down or EEH-frozen function reads back
 
 
@@ -53,7 +57,10 @@ class PciFunction:
         """
         if self.header_type is not None and self.header_type != 0xFF:
             return (self.header_type & 0x7F) == PCI_HEADER_TYPE_BRIDGE
-        return self.class_code >> 8 in (0x0604, 0x0609)
+        return self.class_code >> 8 in (
+            PCI_CLASS_BRIDGE_PCI,
+            PCI_CLASS_BRIDGE_PCI_SEMI_TRANSPARENT,
+        )
 
     @property
     def is_multifunction(self) -> bool:
