@@ -90,12 +90,21 @@ def load(request: LoadRequest, kexec: str) -> HandoffResult | None:
     return None if failure.returncode == 0 else failure
 
 
+def exec_argv(kexec: str, extra_args: tuple[str, ...] = ()) -> list[str]:
+    """`kexec ARGS -e`. The caller's arguments come first because kexec-tools reads its
+    options in order: `-f` (load and execute) after `-e` turns the call back into a load,
+    which fails without a kernel file ("No kernel specified"). kexec-lite takes them in any
+    order, and needs `-f`: without it, `-e` runs `shutdown -r now`."""
+    return [kexec, *extra_args, "-e"]
+
+
 def execute_loaded_kernel(kexec: str | None, extra_args: tuple[str, ...] = ()) -> HandoffResult:
-    """sync(), then `kexec -e` (or the reboot syscall). Returns only if the handoff failed."""
+    """sync(), then `kexec ARGS -e` (or the reboot syscall). Returns only if the handoff
+    failed."""
     os.sync()
     if kexec is None:
         return _reboot_syscall()
-    return _run([kexec, "-e", *extra_args])
+    return _run(exec_argv(kexec, extra_args))
 
 
 # What a shell answers for a command it cannot execute.

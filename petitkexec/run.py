@@ -16,7 +16,13 @@ from petitkexec.bdf import Bdf
 from petitkexec.environment import Environment
 from petitkexec.errors import ExitCode, PreflightRefused, RolledBack
 from petitkexec.execute import OutcomeCallback, Teardown
-from petitkexec.handoff import HandoffResult, LoadRequest, execute_loaded_kernel, load
+from petitkexec.handoff import (
+    HandoffResult,
+    LoadRequest,
+    exec_argv,
+    execute_loaded_kernel,
+    load,
+)
 from petitkexec.journal import UndoResult
 from petitkexec.log import get_logger, timed
 from petitkexec.model import SystemFacts, Topology
@@ -105,7 +111,7 @@ class HandoffRequest:
     def describe(self) -> str:
         if self.binary is None:
             return "reboot(LINUX_REBOOT_CMD_KEXEC)"
-        return " ".join((self.binary, "-e", *self.kexec_args))
+        return " ".join(exec_argv(self.binary, self.kexec_args))
 
 
 @dataclass(frozen=True)
