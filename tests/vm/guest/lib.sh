@@ -62,3 +62,16 @@ settle() {
     echo "SETTLE-TIMEOUT after $1 s"
     return 1
 }
+
+# The second kernel's initramfs (/boot/second.cpio.gz: the cached base plus this run's
+# /second-scenario.sh) and command line ($SECOND_CMDLINE), for whoever loads it: stage 1, or a
+# scenario that loads it the way a bootloader does. Needs MARKER and SECOND_APPEND.
+prepare_second() {
+    if [ -f /boot/second-extra.cpio.gz ]; then
+        cat /boot/second-base.cpio.gz /boot/second-extra.cpio.gz > /boot/second.cpio.gz
+    else
+        cp /boot/second-base.cpio.gz /boot/second.cpio.gz
+    fi
+    SECOND_CMDLINE="console=ttyS0 panic=-1 loglevel=6 PETITKEXEC_SECOND=$MARKER $SECOND_APPEND"
+    export SECOND_CMDLINE
+}
