@@ -118,7 +118,18 @@ def _run(argv: list[str]) -> HandoffResult:
         done = subprocess.run(argv, capture_output=True, text=True, check=False)
     except OSError as error:
         return HandoffResult(tuple(argv), CANNOT_EXECUTE, f"cannot run {argv[0]}: {error}")
-    return HandoffResult(tuple(argv), done.returncode, (done.stderr or done.stdout).strip())
+    return HandoffResult(tuple(argv), done.returncode, first_line(done.stderr, done.stdout))
+
+
+def first_line(*texts: str) -> str:
+    """What a program said, on one line: the first non-empty line of the first text that has
+    one. kexec-tools follows an error on stderr with its usage text, and a wrapper may print
+    pages: the report stays one line per failure."""
+    for text in texts:
+        for line in text.splitlines():
+            if line.strip():
+                return line.strip()
+    return ""
 
 
 def _reboot_syscall() -> HandoffResult:

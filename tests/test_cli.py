@@ -147,6 +147,23 @@ def test_exec_tears_down_then_runs_kexec_e_and_rolls_back_when_it_returns(
     assert sim.driver_of("0000:01:00.0") == "nvme"
 
 
+def test_a_failed_handoff_is_reported_on_one_line_whatever_kexec_printed(
+    make_sim: SimFactory, tmp_path: Path
+) -> None:
+    """kexec-tools follows an error with its usage text; a wrapper may print pages."""
+    sim = make_sim()
+    kexec = shell_script(
+        tmp_path / "kexec",
+        "echo 'Usage: kexec [OPTIONS]'; echo '  -e  Execute'\n"
+        "echo >&2; echo 'No kernel specified' >&2; echo 'more' >&2; exit 1\n",
+    )
+    result = invoke(environment(sim, tmp_path), "exec", "--kexec", str(kexec))
+    assert result.exit_code == ExitCode.HANDOFF_FAILED
+    failed = [line for line in result.stderr.splitlines() if "handoff failed" in line]
+    assert failed == [f"handoff failed: {kexec} -e returned 1: No kernel specified"]
+    assert "Usage" not in result.stderr and "more" not in result.stderr
+
+
 def test_exec_strict_does_not_hand_off_after_a_failed_step(
     make_sim: SimFactory, tmp_path: Path
 ) -> None:
