@@ -4,8 +4,8 @@
     run = boot_systemd(images, mode="kexec")   # one QEMU run: boot, systemctl kexec, boot 2
     assert run.second_up and run.verify_passed, run.tail()
 
-By hand: ``python -m tests.vm.systemd_guest [--force] [kexec] [hang]`` builds (``--force``:
-from scratch), then boots each mode with the console on stderr.
+By hand: ``python -m tests.vm.systemd_guest [--force] [kexec] [hang] [missing-driver]``
+builds (``--force``: from scratch), then boots each mode with the console on stderr.
 
 The root file system is Debian's own packages put together by `mmdebstrap` (bookworm, amd64,
 from the Debian mirror the host's apt is configured with), with petitkexec installed from the
@@ -35,6 +35,13 @@ With ``mode="hang"`` the root file system is the image's tree over virtio-9p (a 
 overlay on the host: the cache stays pristine), ``/etc/petitkexec.toml`` lifts the share's
 protection (``unprotect``), so the hook's unbind of the share's device hangs in
 ``p9_virtio_remove()``.
+
+With ``mode="missing-driver"`` the first boot is the ``kexec`` one, but the second kernel's
+command line gets ``module_blacklist=e1000e`` (the first kernel's ``pkkeepout=e1000e`` asks
+for it): udev's modalias load of e1000e for 02:00.0 goes through kmod to init_module(), which
+the kernel refuses (``Module e1000e is blacklisted``), so 02:00.0 comes up without a driver
+and petitkexec-verify.service must fail naming it. The second boot prints
+``SECOND-KEPT-OUT <module> loaded=yes|no`` (``/sys/module/<module>``) for each module kept out.
 
 QEMU is always killed at `timeout`, and `poweroff_grace` seconds after ``SECOND-DONE``.
 """
@@ -116,6 +123,9 @@ ROOT_BDF = "0000:01:00.0"  # virtio-blk behind root port 00:02.0: the root disk 
 ROOT_PORT_BDF = "0000:00:02.0"
 VIRTFS_BDF = "0000:00:09.0"  # virtio-9p: the root file system (mode hang)
 VIRTFS_TAG = "pkroot"
+KEPT_OUT_BDF = "0000:02:00.0"  # e1000e: its driver is kept out of the second kernel
+KEPT_OUT_MODULE = "e1000e"  # (mode missing-driver)
+MODES = ("kexec", "hang", "missing-driver")
 NINEP_ROOTFLAGS = "trans=virtio,version=9p2000.L,msize=262144,cache=loose"
 TOPOLOGY: tuple[str, ...] = (
     *(
@@ -159,6 +169,11 @@ second)
     udevadm settle --timeout=60
     echo "SECOND-SETTLED uptime=$(up)"
     devices SECOND-DEVICE
+    for module in $(arg module_blacklist | tr , ' '); do
+        loaded=no
+        [ -e "/sys/module/$module" ] && loaded=yes
+        echo "SECOND-KEPT-OUT $module loaded=$loaded"
+    done
     while [ "$(systemctl show -P ActiveState petitkexec-verify.service)" = activating ]; do
         sleep 1
     done
@@ -192,8 +207,11 @@ second)
     echo "PKTEST-DEFAULTS $(grep '^PETITKEXEC=' /etc/default/petitkexec)"
     append=
     for word in $(cat /proc/cmdline); do
-        case $word in pktest=*|pkunprotect=*) ;; *) append="$append $word";; esac
+        case $word in pktest=*|pkunprotect=*|pkkeepout=*) ;; *) append="$append $word";; esac
     done
+    # The kernel refuses init_module() for a module named in module_blacklist= (-EPERM):
+    # the second kernel comes up without that driver, as if it had not been built.
+    [ -n "$(arg pkkeepout)" ] && append="$append module_blacklist=$(arg pkkeepout)"
     kexec -l /boot/vmlinuz --initrd=/boot/initrd.img --append="${append# } pktest=second"
     echo "PKTEST-KEXEC-LOADED rc=$? loaded=$(cat /sys/kernel/kexec_loaded)"
     echo "PKTEST-SYSTEMCTL-KEXEC uptime=$(up)"
@@ -552,6 +570,7 @@ SHUTDOWN_DETACHED = "All filesystems, swaps, loop devices, MD devices and DM dev
 _PRINTK = re.compile(r"^\[\s*(\d+\.\d+)\]\s(.*)$")
 _UPTIME = re.compile(r"\buptime=(\d+\.\d+)")
 _STEP = re.compile(r"^\[\s*\d+/\d+\]\s+(\S+)\s+(\S+)\s+(.*)$")
+_BDF_FIRST = re.compile(r"^[0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7] ")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -633,6 +652,27 @@ class SystemdRun(guest.GuestRun):
         return dict(w.split("=", 1) for w in values[-1].split() if "=" in w) if values else {}
 
     @property
+    def verify_log(self) -> list[str]:
+        """petitkexec-verify.service's journal in the second boot (systemd's lines too)."""
+        return self.values("PKTEST-VERIFY-LOG")
+
+    @property
+    def verify_differences(self) -> list[str]:
+        """`petitkexec verify`'s per-function lines (`<bdf> unbound (was bound to e1000e)`):
+        the only lines of the unit's journal that start with a BDF."""
+        return [line for line in self.verify_log if _BDF_FIRST.match(line)]
+
+    @property
+    def kept_out(self) -> dict[str, bool]:
+        """The second kernel's module_blacklist= modules: module -> loaded anyway."""
+        found = {}
+        for value in self.values("SECOND-KEPT-OUT"):
+            m = re.match(r"(\S+) loaded=(yes|no)", value)
+            if m:
+                found[m.group(1)] = m.group(2) == "yes"
+        return found
+
+    @property
     def verify_passed(self) -> bool:
         v = self.verify  # a failed ConditionPathExists= (no snapshot) is "success" too
         return (v.get("result"), v.get("status"), v.get("condition")) == ("success", "0", "yes")
@@ -691,9 +731,11 @@ def _kernel_append(mode: str, marker: str, root: str) -> str:
         "panic=-1",
         f"pkmarker={marker}",
     ]
-    words.append("pktest=hang" if mode == "hang" else "pktest=kexec")
+    words.append(f"pktest={mode}")
     if mode == "hang":
         words.append(f"pkunprotect={VIRTFS_BDF}")
+    if mode == "missing-driver":
+        words.append(f"pkkeepout={KEPT_OUT_MODULE}")
     return " ".join(words)
 
 
@@ -711,10 +753,12 @@ def boot_systemd(
 
     mode "kexec": root on the virtio-blk disk (ext4, writes discarded with snapshot=on);
     mode "hang": root on virtio-9p (the image's tree under a private writable overlay), whose
-    protection /etc/petitkexec.toml lifts: the hook's unbind of 00:09.0 hangs.
+    protection /etc/petitkexec.toml lifts: the hook's unbind of 00:09.0 hangs;
+    mode "missing-driver": as "kexec", with module_blacklist=e1000e on the second kernel's
+    command line (02:00.0 comes back without a driver: verify must fail).
     """
-    if mode not in ("kexec", "hang"):
-        raise ValueError(f"mode must be kexec or hang, not {mode!r}")
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
     echo = bool(os.environ.get("PETITKEXEC_VM_ECHO")) if echo is None else echo
     runs = cache() / "runs"
     runs.mkdir(parents=True, exist_ok=True)
@@ -817,7 +861,8 @@ def boot_systemd(
 
 
 def main(argv: Sequence[str]) -> int:
-    """python -m tests.vm.systemd_guest [--force] [kexec|hang]: build, then boot once."""
+    """python -m tests.vm.systemd_guest [--force] [kexec|hang|missing-driver]: build, then
+    boot once per mode."""
     force = "--force" in argv
     modes = [a for a in argv if not a.startswith("-")]
     images = build(force=force)

@@ -9,6 +9,9 @@ itself): the tests below read what the console showed.
 - hang: root on virtio-9p at 00:09.0, its protection lifted in /etc/petitkexec.toml. The hook's
   unbind hangs in p9_virtio_remove(); the hook exits 5 and reboots through the firmware
   (sysrq `b`), which with -no-reboot ends QEMU, well inside systemd's 90 s hook limit.
+- missing-driver: as kexec, but the second kernel is loaded with module_blacklist=e1000e, so
+  02:00.0 comes back without its driver: the second boot's verify must fail naming it, and
+  nothing else.
 """
 
 from __future__ import annotations
@@ -23,15 +26,24 @@ import pytest
 
 from tests.vm import systemd_guest
 from tests.vm.conftest import in_ci
-from tests.vm.systemd_guest import ROOT_BDF, ROOT_PORT_BDF, VIRTFS_BDF, SystemdRun
+from tests.vm.systemd_guest import (
+    KEPT_OUT_BDF,
+    KEPT_OUT_MODULE,
+    ROOT_BDF,
+    ROOT_PORT_BDF,
+    VIRTFS_BDF,
+    SystemdRun,
+)
 
 pytestmark = pytest.mark.vm
 
 SYSTEMD_HOOK_LIMIT = 90  # seconds systemd-shutdown gives the hooks, then SIGTERM and kexec
 SBIN = ("/sbin", "/usr/sbin")  # root's tools, when PATH lacks them
 # Per QEMU run, about twice the slowest seen on a loaded 2-core machine (kexec: two Debian
-# boots, ~170-280 s; hang: one boot on 9p, ~100-190 s). QEMU is killed when it runs out.
-BOOT_TIMEOUT = {"kexec": 600, "hang": 420}
+# boots, ~170-280 s; hang: one boot on 9p, ~100-190 s; missing-driver: kexec's plus verify's
+# 60 s of looking again for the absent driver, ~440 s). QEMU is killed when it runs out.
+BOOT_TIMEOUT = {"kexec": 600, "hang": 420, "missing-driver": 900}
+VERIFY_NOT_BACK = 6  # petitkexec's exit code: a function did not come back as it was
 
 
 @pytest.fixture(scope="module")
@@ -101,6 +113,25 @@ def hang_run(
         "systemd guest: systemctl kexec -> firmware reset (hung unbind)",
         f"guest clock {None if start is None or reset is None else round(reset - start, 1)}s "
         f"(hook {run.hook_seconds and round(run.hook_seconds, 1)}s)",
+    )
+    return run
+
+
+@pytest.fixture(scope="module")
+def missing_driver_run(
+    images: systemd_guest.SystemdImages, record_timing: Callable[[str, str], None]
+) -> SystemdRun:
+    run = _boot(
+        images, "missing-driver", "systemd guest: second kernel without e1000e", record_timing
+    )
+    # verify keeps looking for the absent driver for its --wait (60 s) before it fails; both
+    # lines are the second kernel's (the first kernel neither refuses e1000e nor verifies).
+    refused = run.printk_time(f"Module {KEPT_OUT_MODULE} is blacklisted")
+    verdict = run.printk_time("functions back as they were")
+    waited = None if refused is None or verdict is None else round(verdict - refused, 1)
+    record_timing(
+        "systemd guest: e1000e refused -> verify's failure (second kernel)",
+        f"guest clock {waited}s (second boot's SECOND-DONE at uptime {run.uptime('SECOND-DONE')}s)",
     )
     return run
 
@@ -198,3 +229,37 @@ def test_hung_unbind_reboots_through_the_firmware_inside_the_hook_limit(
     detached = run.printk_time(systemd_guest.SHUTDOWN_DETACHED)
     assert detached is not None, run.tail()
     assert reset - detached < SYSTEMD_HOOK_LIMIT, (detached, reset)
+
+
+# --- the second kernel without one driver ------------------------------------------------------
+
+
+def test_module_blacklist_keeps_the_driver_out_of_the_second_kernel(
+    missing_driver_run: SystemdRun,
+) -> None:
+    run = missing_driver_run
+    assert run.second_up and "kexec_core: Starting new kernel" in run.log, run.tail()
+    first = run.first_devices
+    assert first.get(KEPT_OUT_BDF) == KEPT_OUT_MODULE, first
+    assert run.kept_out == {KEPT_OUT_MODULE: False}, run.tail()
+    # The modalias load (udev through kmod) reached init_module(), which the kernel refused.
+    assert run.printk_time(f"Module {KEPT_OUT_MODULE} is blacklisted") is not None, run.tail()
+    assert run.second_devices == {**first, KEPT_OUT_BDF: None}, run.tail()
+
+
+def test_verify_fails_naming_the_function_without_its_driver(
+    missing_driver_run: SystemdRun,
+) -> None:
+    run = missing_driver_run
+    assert run.verify == {
+        "state": "failed",
+        "result": "exit-code",
+        "status": str(VERIFY_NOT_BACK),
+        "condition": "yes",
+    }, run.tail()
+    assert len(run.verify_differences) == 1, run.verify_log
+    named = run.verify_differences[0]
+    assert named.startswith(f"{KEPT_OUT_BDF} unbound ") and KEPT_OUT_MODULE in named, named
+    total = len(run.first_devices)
+    assert f"{total - 1} of {total} functions back as they were" in run.verify_log, run.verify_log
+    assert run.second_done and not run.timed_out, run.tail()
