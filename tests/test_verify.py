@@ -5,9 +5,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
+from petitkexec import verify
 from petitkexec.errors import ExitCode
 from petitkexec.model import Topology
-from petitkexec.verify import Change, compare
+from petitkexec.verify import Change, compare, verify_until
 from tests.builders import bridge, endpoint
 from tests.clirun import environment, invoke
 from tests.conftest import SimFactory
@@ -81,3 +84,59 @@ def test_verify_names_a_function_whose_driver_did_not_come_back(
         {"bdf": "0000:02:00.0", "change": "unbound", "before": "e1000e", "after": None}
     ]
     assert "0000:02:00.0 unbound (was bound to e1000e)" in result.stderr
+
+
+class FakeClock:
+    """time.monotonic and time.sleep for verify_until: sleeping moves the clock."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.sleeps: list[float] = []
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.now += seconds
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> FakeClock:
+    fake = FakeClock()
+    monkeypatch.setattr(verify.time, "monotonic", fake.monotonic)
+    monkeypatch.setattr(verify.time, "sleep", fake.sleep)
+    return fake
+
+
+NVME_NOT_BACK = Topology.from_functions(
+    [
+        bridge("0000:00:1c.0"),
+        endpoint("0000:01:00.0", None, parent="0000:00:1c.0"),
+        endpoint("0000:00:14.0", "xhci_hcd"),
+        endpoint("0000:00:1f.3", None),
+    ]
+)
+
+
+def test_waiting_stops_as_soon_as_the_driver_is_back(clock: FakeClock) -> None:
+    looks = iter([NVME_NOT_BACK, NVME_NOT_BACK, NVME_NOT_BACK, BEFORE])
+    assert verify_until(lambda: next(looks), BEFORE, wait_s=60) == ()
+    assert clock.sleeps == [0.5, 1.0, 2.0]
+
+
+def test_a_driver_that_never_comes_back_is_looked_for_less_often_until_the_wait_ends(
+    clock: FakeClock,
+) -> None:
+    looks: list[Topology] = []
+
+    def discover() -> Topology:
+        looks.append(NVME_NOT_BACK)
+        return NVME_NOT_BACK
+
+    differences = verify_until(discover, BEFORE, wait_s=60)
+    assert [str(d.bdf) for d in differences if d.change.is_failure] == ["0000:01:00.0"]
+    assert clock.now == 60  # the last pause is cut to what is left of the wait
+    assert max(clock.sleeps) == verify.POLL_MAX_S
+    assert clock.sleeps == sorted(clock.sleeps[:-1]) + clock.sleeps[-1:]
+    assert len(looks) == len(clock.sleeps) + 1 < 60 / verify.POLL_S
