@@ -12,19 +12,22 @@ differs lives here:
 - packages come from a private APT configuration (``apt/``: APT_CONFIG with ppc64el as the
   only architecture, the host's Debian sources, its own lists and an empty dpkg status), so
   the host's dpkg never learns about ppc64el;
-- the ppc64el busybox and ldconfig cannot run on the build host: tests/vm/guest-powernv/init
-  links the applets and builds the ld cache at boot, then runs the common init;
+- the ppc64el busybox cannot run on the build host: tests/vm/guest-powernv/init links its
+  applets at boot, removes ldconfig (the image has neither it nor an ld cache, as a firmware
+  image), then runs the common init;
 - the kernel is an ELF ``vmlinux`` (no KEXEC_FILE: stage 1's ``kexec -l`` is what works); it
   sits at /boot/vmlinuz in the guest because that is the name the common scripts use;
 - the stage-1 image has neither umockdev nor nvme-cli nor setup-sriov;
 - the console is hvc0 (OPAL), also on the second kernel's command line;
 - one device per PHB: each PHB4 is its own PCI domain with one root port (1014:04c1) whose
-  secondary bus QEMU calls pcie.N. No `-nodefaults`: it removes the PHBs.
+  secondary bus QEMU calls pcie.N (PHB 4's is free: `virtfs_dir` puts a virtio-9p share
+  there). No `-nodefaults`: it removes the PHBs.
 
 Cache layout under ``<repo>/.cache/vm/powernv/``: ``apt/`` (config and lists), ``debs/``,
 ``pkgroot/``, ``build-<key>/`` (vmlinux, stage-1 and second-kernel bases, dependency layer),
 ``session/`` (petitkexec from the working tree, once per process), ``runs/`` (serial logs):
-the q35 lane's layout, one folder down.
+the q35 lane's layout, one folder down; and ``zipapp-wheels/`` (the pinned wheels of the
+zipapp test_powernv.py builds).
 """
 
 from __future__ import annotations
@@ -53,7 +56,7 @@ QEMU = "qemu-system-ppc64"
 MACHINE = "powernv9"
 MEMORY = "2G"
 ARCH = "ppc64el"
-ROOT_PACKAGES = BASE_PACKAGES  # its ldconfig runs in the guest (see guest-powernv/init)
+ROOT_PACKAGES = BASE_PACKAGES
 # Loaded in dependency order by both kernels (all of them are modules in Debian's ppc64el
 # kernel; nvme needs the two crc modules first).
 GUEST_MODULES = (
@@ -65,6 +68,8 @@ GUEST_MODULES = (
     "virtio_net",
     "virtio_rng",
     "xhci_pci",
+    "9pnet_virtio",  # for a virtio-9p share (virtfs_dir)
+    "9p",
 )
 CONSOLE = "hvc0"
 
@@ -92,6 +97,8 @@ E1000E, NVME, VIRTIO_NET, XHCI = (
     "0003:01:00.0",
 )
 SWITCH_UP, SWITCH_DOWN, VIRTIO_RNG = "0005:01:00.0", "0005:02:00.0", "0005:03:00.0"
+# boot_powernv(virtfs_dir=...): a virtio-9p share below PHB 4's root port, the one free slot.
+VIRTFS_BUS, VIRTFS_BDF = "pcie.4", "0004:01:00.0"
 EXPECTED_DRIVERS: dict[str, str | None] = {
     **dict.fromkeys(ROOT_PORTS),
     E1000E: "e1000e",
@@ -259,10 +266,24 @@ def current_images() -> build.Images:
     return build.current_images(LANE)
 
 
-def boot_powernv(scenario: str, **options: Any) -> guest.GuestRun:
+def boot_powernv(
+    scenario: str, *, virtfs_dir: Path | None = None, **options: Any
+) -> guest.GuestRun:
     """guest.boot() on the powernv9 machine: same scenario contract and options (timeout 300 s
-    by default), same GuestRun."""
-    return guest.boot(POWERNV9, scenario, **options)
+    by default), same GuestRun. virtfs_dir: shared as virtio-9p at VIRTFS_BDF (tag "host0");
+    mount it with `mount -t 9p -o trans=virtio,version=9p2000.L host0 /mnt`."""
+    share: list[str] = []
+    if virtfs_dir is not None:
+        share = [
+            "-fsdev",
+            f"local,id=fs0,path={virtfs_dir},security_model=none",
+            "-device",
+            f"virtio-9p-pci,fsdev=fs0,mount_tag={guest.VIRTFS_TAG},bus={VIRTFS_BUS},addr=0x0",
+        ]
+    extra = [*share, *options.pop("extra_qemu_args", ())]
+    return guest.boot(
+        POWERNV9, scenario, extra_qemu_args=extra, virtfs=virtfs_dir is not None, **options
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

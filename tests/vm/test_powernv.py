@@ -1,17 +1,24 @@
 """petitkexec on a PowerNV kernel: Debian's ppc64el 6.1 on QEMU's powernv9 (skiboot/OPAL, one
-PCI domain per PHB4, no driver on any bridge). Two boots: `exec` (with `plan` first) and
-`exec --hot-reset`. What is checked comes from the guest's own busybox read-back, skiboot's
-log (/sys/firmware/opal/msglog) and the second kernel, not from petitkexec's report."""
+PCI domain per PHB4, no driver on any bridge). Four boots: `exec` (with `plan` first);
+`exec --hot-reset`; the single-file build (scripts/build-zipapp) in an image without ldconfig
+or ld cache, with `exec --dry-run` first and integrity lockdown raised before its exec; a
+mounted 9p share, protected, then unprotected into a hung unbind. What is checked comes from
+the guest's own busybox read-back, skiboot's log (/sys/firmware/opal/msglog) and the second
+kernel, not from petitkexec's report."""
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import pytest
 
 from tests.vm import powernv
-from tests.vm.guest import GuestRun
+from tests.vm.guest import GuestRun, ReadbackLine
 from tests.vm.images.build import Images
 from tests.vm.images.lanes import Lane
 
@@ -219,4 +226,223 @@ def test_powernv_hot_reset_goes_through_opal_side_by_side(
     record_timing(
         "powernv hot-reset: skiboot 'Spent N msecs in OPAL call' warnings",
         ", ".join(f"call {call}: {ms} ms" for ms, call in slow_calls) or "none",
+    )
+
+
+# --------------------------------------------------------------------------- the single file
+
+REPO = Path(__file__).resolve().parents[2]
+GUEST_PYTHON = "3.11"  # Debian 12's, as the guest has it (python3.11-minimal)
+ZIPAPP = "/opt/petitkexec.pyz"
+# As a firmware image runs it: no site-packages (the image's pip-installed petitkexec and its
+# dependencies are out of reach), no PYTHON* variables.
+ZIPAPP_RUN = f"python3 -I -S {ZIPAPP}"
+# What the archive's own loader finds in this image, with pyudev's lookup beside it.
+LIBUDEV_PROBE = f"""python3 -I -S - <<'PY'
+import ctypes.util, sys
+sys.path.insert(0, "{ZIPAPP}")
+import petitkexec
+from petitkexec.discovery import udev_context
+print("ZIPAPP-FROM", petitkexec.__file__)
+print("ZIPAPP-FIND-LIBRARY", ctypes.util.find_library("udev"))
+print("ZIPAPP-UDEV-CONTEXT", udev_context() is not None)
+PY
+"""
+DRY_RUN_LINE = "dry run: would now run /usr/sbin/kexec-readback -e"
+
+
+@pytest.fixture(scope="session")
+def zipapp(tmp_path_factory: pytest.TempPathFactory, record_timing: Record) -> bytes:
+    """scripts/build-zipapp for the guest's Python, bytecode only (what a firmware image
+    ships), into a temporary folder: dist/ belongs to whoever else builds in this checkout.
+    The pinned wheels are kept in the lane's cache, so a rebuild needs no network."""
+    archive = tmp_path_factory.mktemp("zipapp") / "petitkexec.pyz"
+    command = [
+        str(REPO / "scripts" / "build-zipapp"),
+        "--python-version",
+        GUEST_PYTHON,
+        "--no-sources",
+        "--wheels",
+        str(powernv.cache_dir() / "zipapp-wheels"),
+        "-o",
+        str(archive),
+    ]
+    done = subprocess.run(
+        command, capture_output=True, text=True, env={**os.environ, "PYTHON": sys.executable}
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    record_timing("powernv zipapp (bytecode only)", f"{archive.stat().st_size} bytes")
+    return archive.read_bytes()
+
+
+def retagged(readback: dict[str, ReadbackLine], tag: str) -> dict[str, ReadbackLine]:
+    return {
+        bdf: ReadbackLine(line.bdf, line.driver, line.command, tag)
+        for bdf, line in readback.items()
+    }
+
+
+@pytest.fixture(scope="module")
+def zipapp_run(powernv_images: Images, zipapp: bytes, record_timing: Record) -> GuestRun:
+    """One boot, three checks that do not disturb each other, in this order: `exec --dry-run`
+    between two read-backs (it changes nothing); the zipapp's `plan`; integrity lockdown
+    raised (stage 1 has loaded the kernel already: lockdown forbids kexec_load, not the
+    reboot(LINUX_REBOOT_CMD_KEXEC) of `kexec -e`); the zipapp's `exec` into the second kernel."""
+    run = powernv.boot_powernv(
+        "if command -v ldconfig >/dev/null || [ -e /etc/ld.so.cache ]; then "
+        "echo LD-CACHE present; else echo LD-CACHE none; fi\n"
+        "readback before\n"
+        + stamp("DRY-START")
+        + f"{EXEC} --dry-run > /tmp/dry.txt 2>&1; echo DRY-EXIT $?\n"
+        + stamp("DRY-END")
+        + "sed 's/^/DRY| /' /tmp/dry.txt\n"
+        "readback after\n"
+        f"{LIBUDEV_PROBE}"
+        + stamp("ZPLAN-START")
+        + f"{ZIPAPP_RUN} plan > /tmp/plan.txt 2>&1; echo ZPLAN-EXIT $?\n"
+        + stamp("ZPLAN-END")
+        + "sed 's/^/ZPLAN| /' /tmp/plan.txt\n"
+        "echo integrity > /sys/kernel/security/lockdown\n"
+        "sed 's/^/LOCKDOWN-NOW /' /sys/kernel/security/lockdown\n"
+        + stamp("PK-START")
+        + f"{ZIPAPP_RUN} exec --kexec /usr/sbin/kexec-readback\necho PK-EXIT $?\n",
+        extra_files={ZIPAPP.lstrip("/"): zipapp},
+        images=powernv_images,
+    )
+    record_timing(
+        "powernv zipapp+dry-run+lockdown boot wall", f"{run.wall_seconds:.1f}s (log {run.log_path})"
+    )
+    return run
+
+
+def test_powernv_zipapp_without_ldconfig_plans_and_execs_into_the_second_kernel(
+    zipapp_run: GuestRun, record_timing: Record
+) -> None:
+    run = zipapp_run
+    assert "LD-CACHE none" in run.log, run.tail()
+    # pyudev's own lookup (`ldconfig -p`) finds nothing here; the archive's loader does.
+    assert "ZIPAPP-FIND-LIBRARY None" in run.log, run.tail(120)
+    assert "ZIPAPP-UDEV-CONTEXT True" in run.log, run.tail(120)
+    assert f"ZIPAPP-FROM {ZIPAPP}/petitkexec/__init__.pyc" in run.log, run.tail(120)
+    assert "ZPLAN-EXIT 0" in run.log, run.tail(120)
+    plan = [line.removeprefix("ZPLAN| ") for line in run.lines_starting("ZPLAN| ")]
+    assert "13 functions: 5 unbind, 8 clear-bus-master" in plan, "\n".join(plan)
+    # Discovery went through libudev: no fallback to plain sysfs, and nothing crashed.
+    assert "libudev not found" not in run.log and "Traceback" not in run.log, run.tail(120)
+    assert run.exit_code is None and "PK-EXIT" not in run.log, run.tail(120)
+    assert_quiet_before_kexec(run)
+    assert_second_kernel_reprobed(run)
+    record_timing(
+        "powernv: zipapp plan vs pip-installed exec --dry-run, same boot (guest)",
+        f"{uptime(run, 'ZPLAN-END') - uptime(run, 'ZPLAN-START'):.2f}s vs "
+        f"{uptime(run, 'DRY-END') - uptime(run, 'DRY-START'):.2f}s",
+    )
+    record_timing(
+        "powernv zipapp exec under lockdown: start -> kexec start (guest)",
+        f"{uptime(run, 'KEXEC-START') - uptime(run, 'PK-START'):.2f}s",
+    )
+
+
+def test_powernv_integrity_lockdown_after_the_load_clears_bus_master_through_enable(
+    zipapp_run: GuestRun,
+) -> None:
+    run = zipapp_run
+    assert "STAGE1-KEXEC-LOADED rc=0 kexec_loaded=1" in run.log, run.tail()
+    assert "LOCKDOWN-NOW none [integrity] confidentiality" in run.log, run.tail()
+    # No bridge has a driver on PowerNV: petitkexec clears each one's bus master itself, and
+    # lockdown refuses its config write (EPERM), so every one goes through `enable`.
+    cleared = steps(run, "clear-bus-master")
+    bridges = {bdf for bdf, driver in EXPECTED.items() if driver is None}
+    assert set(cleared) == bridges, run.tail(120)
+    for match in cleared.values():
+        assert match["status"] == "done", match.string
+        assert match["detail"].startswith(
+            "bus master cleared through enable (config writes blocked: EPERM; count"
+        ), match.string
+    assert_quiet_before_kexec(run)
+    assert run.second_up, run.tail(120)
+
+
+def test_powernv_dry_run_changes_nothing(zipapp_run: GuestRun) -> None:
+    run = zipapp_run
+    assert "DRY-EXIT 0" in run.log, run.tail(120)
+    assert f"DRY| {DRY_RUN_LINE}" in run.log, run.tail(120)
+    before = run.readback("before")
+    assert set(before) == set(EXPECTED), run.tail(120)
+    assert retagged(run.readback("after"), "before") == before
+    # Every endpoint kept its driver and bus master through the dry run.
+    assert all(before[bdf].driver == EXPECTED[bdf] and before[bdf].bus_master for bdf in ENDPOINTS)
+
+
+# --------------------------------------------------------------------------- a hung unbind
+
+VIRTFS = powernv.VIRTFS_BDF
+VIRTFS_PORT = "0004:00:00.0"
+# p9_virtio_remove() warns every 10 s while the share is still in use: the kernel's own word
+# that remove() is stuck. Waited for after the run (at most 20 s), then copied to the console.
+P9_WAITING = "p9_virtio_remove: waiting for device in use"
+WAIT_FOR_P9_WARNING = (
+    f"n=0; until dmesg | grep -q '{P9_WAITING}' || [ $n -ge 20 ]; do sleep 1; n=$((n + 1)); done\n"
+    f"dmesg | grep -m1 '{P9_WAITING}' | sed 's/^/KERNEL| /'\n"
+)
+
+
+@pytest.fixture(scope="module")
+def hung_run(
+    powernv_images: Images, tmp_path_factory: pytest.TempPathFactory, record_timing: Record
+) -> GuestRun:
+    """A boot of its own: the hung remove keeps the device lock, so nothing may come after it
+    (power-off hangs too, in device_shutdown(); QEMU is killed 5 s after the last line)."""
+    share = tmp_path_factory.mktemp("share")
+    (share / "hello.txt").write_text("from the host\n")
+    run = powernv.boot_powernv(
+        "mount -t 9p -o trans=virtio,version=9p2000.L host0 /mnt && sed 's/^/SHARE /' "
+        "/mnt/hello.txt\n"
+        "petitkexec plan > /tmp/plan.txt 2>&1; echo PLAN-EXIT $?\n"
+        "sed 's/^/PLAN| /' /tmp/plan.txt\n"
+        + stamp("PK-START")
+        + f"{EXEC} --unprotect {VIRTFS} --unbind-timeout 5\necho PK-EXIT $?\n"
+        + stamp("PK-END")
+        + "readback after\n"
+        + WAIT_FOR_P9_WARNING,
+        virtfs_dir=share,
+        poweroff_grace=5,
+        images=powernv_images,
+    )
+    record_timing(
+        "powernv 9p hung-unbind boot wall", f"{run.wall_seconds:.1f}s (log {run.log_path})"
+    )
+    return run
+
+
+def test_powernv_a_mounted_9p_share_is_protected_by_default(hung_run: GuestRun) -> None:
+    run = hung_run
+    assert "SHARE from the host" in run.log, run.tail(120)
+    assert "PLAN-EXIT 0" in run.log, run.tail(120)
+    plan = "\n".join(line.removeprefix("PLAN| ") for line in run.lines_starting("PLAN| "))
+    assert re.search(
+        rf"{VIRTFS} 1af4:\S+ class \S+ driver virtio-pci +→ +protect \(9p share 'host0' "
+        r"mounted at /mnt",
+        plan,
+    ), plan
+    assert re.search(rf"{VIRTFS_PORT} .*→ +protect \(above protected {VIRTFS}", plan), plan
+
+
+def test_powernv_unprotected_9p_unbind_hits_its_deadline_and_there_is_no_handoff(
+    hung_run: GuestRun, record_timing: Record
+) -> None:
+    run = hung_run
+    assert "PK-EXIT 5" in run.log, run.tail(120)  # ExitCode.HUNG
+    assert re.search(
+        rf"{VIRTFS} unbind +hung: virtio-pci remove\(\) did not return within 5 s", run.log
+    ), run.tail(120)
+    assert "KEXEC-START" not in run.log and not run.second_up, run.tail(120)
+    assert any(P9_WAITING in line for line in run.lines_starting("KERNEL| ")), run.tail(120)
+    after = run.readback("after")  # everything else was rolled back: drivers bound again
+    assert {bdf: after[bdf].driver for bdf in ENDPOINTS} == {
+        bdf: EXPECTED[bdf] for bdf in ENDPOINTS
+    }, run.tail(120)
+    record_timing(
+        "powernv 9p: petitkexec start -> exit 5 (guest)",
+        f"{uptime(run, 'PK-END') - uptime(run, 'PK-START'):.2f}s",
     )
