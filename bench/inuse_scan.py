@@ -1,8 +1,11 @@
 """How long finding the devices in use takes on a host with many processes.
 
 Builds a fake /proc (N processes, FDS open files each: pipes, sockets, /dev/null, ttys, and one
-process holding a GPU) and a sysfs with 64 device nodes below PCI functions, then times
-petitkexec.inuse.functions_in_use. Prints medians and the growth ratio measured in one run:
+process holding an NVMe controller) and a sysfs with 64 device nodes below PCI functions, then
+times petitkexec.inuse.functions_in_use and, in turn with it, the scan it replaced (one
+readlink by full path per fd, Path objects per process). Prints median wall and CPU time
+(user + sys of this process: the machine is shared, wall time waits for a core), the ratio
+new/old and the growth 1k -> 10k, all measured in one run:
     python bench/inuse_scan.py [--repeat N]
 """
 
@@ -15,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from petitkexec.inuse import functions_in_use
+from petitkexec.inuse import NodeUse, device_nodes, functions_in_use
 
 FDS = 20
 NODES = 64
@@ -42,14 +45,42 @@ def build(root: Path, processes: int) -> tuple[Path, Path]:
     return sysfs, proc
 
 
-def median_seconds(sysfs: Path, proc: Path, repeat: int) -> float:
-    times = []
+def previous_scan(sysfs: Path, proc: Path) -> list[str]:
+    """The scan before readlinkat(): the baseline, the nodes it finds (no fdinfo: none is a
+    block device here)."""
+    wanted, found = set(device_nodes(sysfs, proc)), []
+    for process in os.scandir(proc):
+        if process.name.isdigit():
+            for fd in os.scandir(Path(process.path) / "fd"):
+                try:
+                    target = os.readlink(fd.path)
+                except OSError:
+                    continue
+                if target in wanted:
+                    found.append(target)
+    return found
+
+
+def current_scan(sysfs: Path, proc: Path) -> list[str]:
+    uses: list[NodeUse] = functions_in_use(sysfs, proc)
+    return [use.node for use in uses]
+
+
+SCANS = {"functions_in_use": current_scan, "previous scan": previous_scan}
+
+
+def medians(sysfs: Path, proc: Path, repeat: int) -> dict[str, tuple[float, float]]:
+    """(wall, cpu) medians of each scan, run in turn so that load falls on both alike."""
+    walls: dict[str, list[float]] = {name: [] for name in SCANS}
+    cpus: dict[str, list[float]] = {name: [] for name in SCANS}
     for _ in range(repeat):
-        began = time.perf_counter()
-        uses = functions_in_use(sysfs, proc)
-        times.append(time.perf_counter() - began)
-        assert [use.node for use in uses] == ["/dev/nvme7"]
-    return statistics.median(times)
+        for name, scan in SCANS.items():
+            began, began_cpu = time.perf_counter(), time.process_time()
+            found = scan(sysfs, proc)
+            cpus[name].append(time.process_time() - began_cpu)
+            walls[name].append(time.perf_counter() - began)
+            assert found == ["/dev/nvme7"], (name, found)
+    return {n: (statistics.median(walls[n]), statistics.median(cpus[n])) for n in SCANS}
 
 
 def main() -> None:
@@ -60,12 +91,16 @@ def main() -> None:
     for processes in (1_000, 10_000):
         with tempfile.TemporaryDirectory() as directory:
             sysfs, proc = build(Path(directory), processes)
-            results[processes] = median_seconds(sysfs, proc, repeat)
-        print(
-            f"{processes:>6} processes x {FDS} open files: "
-            f"{results[processes] * 1000:8.1f} ms (median of {repeat})"
-        )
-    print(f"growth 1k -> 10k: {results[10_000] / results[1_000]:.1f}x")
+            results[processes] = medians(sysfs, proc, repeat)
+        new, old = results[processes]["functions_in_use"], results[processes]["previous scan"]
+        print(f"{processes:>6} processes x {FDS} open files (median of {repeat}):")
+        for name, (wall, cpu) in results[processes].items():
+            print(f"  {name:<18} wall {wall * 1000:8.1f} ms   cpu {cpu * 1000:8.1f} ms")
+        print(f"  new / previous     wall {new[0] / old[0]:8.2f}x     cpu {new[1] / old[1]:8.2f}x")
+    for name in SCANS:
+        small, large = results[1_000][name], results[10_000][name]
+        wall, cpu = large[0] / small[0], large[1] / small[1]
+        print(f"growth 1k -> 10k, {name}: wall {wall:.1f}x, cpu {cpu:.1f}x")
 
 
 if __name__ == "__main__":

@@ -89,18 +89,39 @@ def _nvidia_nodes(proc_root: Path) -> Iterator[tuple[str, tuple[bool, tuple[Bdf,
 def open_nodes(proc_root: Path, wanted: set[str]) -> Iterator[tuple[str, int, int]]:
     """(node, pid, fd) for every open file of every process whose path is in `wanted`.
 
-    One readlink per open file and a set lookup: no stat, so thousands of processes stay
-    cheap (bench/inuse_scan.py)."""
-    for process in _scandir(proc_root):
-        if not process.name.isdigit():
-            continue
-        for fd in _scandir(Path(process.path) / "fd"):
-            try:
-                target = os.readlink(fd.path)
-            except OSError:
-                continue  # closed or the process exited meanwhile
-            if target in wanted:
-                yield target, int(process.name), int(fd.name)
+    One readlink per open file and a set lookup, no stat (a stat through the fd link asks the
+    file's own file system, which hangs on an NFS server that is gone), so thousands of
+    processes stay cheap (bench/inuse_scan.py)."""
+    root = os.fspath(proc_root)
+    for name in _listdir(root):
+        if name.isdigit():
+            for target, fd in _held_open(f"{root}/{name}/fd", wanted):
+                yield target, int(name), fd
+
+
+def _held_open(fd_directory: str, wanted: set[str]) -> list[tuple[str, int]]:
+    """(path, fd) of one process's open files whose path is in `wanted`. readlinkat()
+    relative to the open fd directory: the kernel looks up one name per file instead of
+    walking /proc/PID/fd/ again, the PID and its access check at every step."""
+    try:
+        directory = os.open(fd_directory, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return []  # the process exited meanwhile, or its files are not ours to read
+    try:
+        return [
+            (target, int(fd))
+            for fd in _listdir(directory)
+            if (target := _readlink_at(directory, fd)) in wanted
+        ]
+    finally:
+        os.close(directory)
+
+
+def _readlink_at(directory: int, name: str) -> str | None:
+    try:
+        return os.readlink(name, dir_fd=directory)
+    except OSError:
+        return None  # closed or the process exited meanwhile
 
 
 def functions_in_use(sysfs_root: Path, proc_root: Path) -> list[NodeUse]:
@@ -153,6 +174,13 @@ def _scandir(directory: Path | str) -> list[os.DirEntry[str]]:
     try:
         with os.scandir(directory) as entries:
             return list(entries)
+    except OSError:
+        return []
+
+
+def _listdir(directory: str | int) -> list[str]:
+    try:
+        return os.listdir(directory)
     except OSError:
         return []
 
