@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from petitkexec.bdf import Bdf
+from petitkexec.blockdev import functions_behind_block_device
 from petitkexec.errors import PreflightRefused
 from petitkexec.inuse import functions_in_use, live_update_active
 from petitkexec.model import SystemFacts
@@ -139,7 +140,7 @@ def _mount_needs(sysfs_root: Path, proc_root: Path) -> Iterator[tuple[Bdf, str]]
             continue
         reason = f"backs {mount.mount_point} mounted {'rw' if mount.writable else 'ro'}"
         for device_number in _block_devices_of(mount):
-            for bdf in _functions_behind_block_device(sysfs_root, device_number):
+            for bdf in functions_behind_block_device(sysfs_root, device_number):
                 yield bdf, reason
 
 
@@ -189,39 +190,6 @@ def _block_devices_of(mount: Mount) -> list[tuple[int, int]]:
     return []
 
 
-def _functions_behind_block_device(sysfs_root: Path, device: tuple[int, int]) -> set[Bdf]:
-    """Follow a block device through partitions, dm/md `slaves` and nvme multipath to PCI."""
-    found: set[Bdf] = set()
-    seen: set[Path] = set()
-    pending = [sysfs_root / "dev" / "block" / f"{device[0]}:{device[1]}"]
-    while pending:
-        try:
-            node = pending.pop().resolve(strict=True)
-        except OSError:
-            continue
-        if node in seen:
-            continue
-        seen.add(node)
-        lower = [*_entries(node / "slaves"), *_entries(node / "multipath")]
-        if not lower and node.parent.parent.name == "nvme-subsystem":
-            # An nvme multipath head (.../nvme-subsystem/nvme-subsysN/nvmeXnY): kernels before
-            # its `multipath/` directory only link the subsystem to its controllers, any of
-            # which may carry the I/O.
-            lower = [
-                entry
-                for entry in _entries(node.parent)
-                if entry.is_symlink() and re.fullmatch(r"nvme\d+", entry.name)
-            ]
-        if node.parent.name != "block" and (node / "partition").exists():
-            lower.append(node.parent)  # a partition sits inside its disk's directory
-        if lower:
-            pending.extend(lower)
-            continue
-        if bdf := Bdf.innermost_in(str(node)):
-            found.add(bdf)
-    return found
-
-
 def _function_behind(link: Path) -> Bdf | None:
     """The PCI function a sysfs link (a class device, a virtio device) leads to."""
     try:
@@ -262,7 +230,7 @@ def _swap_needs(sysfs_root: Path, proc_root: Path) -> Iterator[tuple[Bdf, str]]:
             rdev = os.stat(_unescape(fields[0])).st_rdev
         except OSError:
             continue
-        for bdf in _functions_behind_block_device(sysfs_root, (os.major(rdev), os.minor(rdev))):
+        for bdf in functions_behind_block_device(sysfs_root, (os.major(rdev), os.minor(rdev))):
             yield bdf, f"backs active swap {fields[0]}"
 
 

@@ -21,10 +21,11 @@ from petitkexec.bdf import Bdf
 # include/uapi/linux/watchdog.h
 WDIOC_KEEPALIVE = 0x80045705  # _IOR('W', 5, int)
 WDIOC_SETTIMEOUT = 0xC0045706  # _IOWR('W', 6, int)
-# PCI watchdog drivers seen calling watchdog_stop_on_reboot() in esb_probe()
-# (drivers/watchdog/i6300esb.c): their watchdog dies at the kexec unless the kernel runs with
-# watchdog.stop_on_reboot=0. Others are not known to; add them with their source.
-STOPS_ON_REBOOT = frozenset({"i6300esb"})
+# PCI watchdog drivers, by the name /sys/bus/pci/drivers shows, seen calling
+# watchdog_stop_on_reboot() in their probe: their watchdog dies at the kexec unless the kernel
+# runs with watchdog.stop_on_reboot=0. i6300esb registers as "i6300ESB timer" (ESB_MODULE_NAME
+# in drivers/watchdog/i6300esb.c). Others are not known to; add them with their source.
+STOPS_ON_REBOOT = frozenset({"i6300ESB timer"})
 
 
 @dataclass(frozen=True)
@@ -45,12 +46,30 @@ def watchdogs(sysfs_root: Path) -> Iterator[Watchdog]:
             state = (entry / "state").read_text().strip()
         except OSError:
             state = ""
-        try:
-            device = (entry / "device").resolve(strict=True)
-            driver: str | None = os.path.basename(os.readlink(device / "driver"))
-        except OSError:
-            device, driver = entry, None
-        yield Watchdog(entry.name, Bdf.innermost_in(str(device)), driver, state == "active")
+        bdf, driver = _function_of(sysfs_root, entry)
+        yield Watchdog(entry.name, bdf, driver, state == "active")
+
+
+def _function_of(sysfs_root: Path, entry: Path) -> tuple[Bdf | None, str | None]:
+    """The PCI function behind a watchdog and its driver, (None, None) if none is known."""
+    try:
+        device = (entry / "device").resolve(strict=True)
+        return Bdf.innermost_in(str(device)), os.path.basename(os.readlink(device / "driver"))
+    except OSError:
+        pass
+    # A driver that registers its watchdog without a parent leaves it under
+    # /sys/devices/virtual/watchdog/ (i6300esb in Linux 6.1, seen in the q35 guest). Its
+    # `identity` is then the only link back: i6300esb names its watchdog after its PCI driver.
+    try:
+        identity = (entry / "identity").read_text().strip()
+        bound = [
+            bdf
+            for link in (sysfs_root / "bus" / "pci" / "drivers" / identity).iterdir()
+            if (bdf := Bdf.innermost_in(link.name)) is not None
+        ]
+    except (OSError, ValueError):
+        return None, None
+    return (bound[0], identity) if len(bound) == 1 else (None, None)
 
 
 def stop_on_reboot(sysfs_root: Path, watchdog: Watchdog) -> str | None:

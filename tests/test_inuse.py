@@ -23,6 +23,7 @@ from tests.simkernel import SimFunction, SimKernel
 from tests.test_facts import FakeMachine
 
 GPU = "0000:41:00.0"
+ESB_DRIVER = "i6300ESB timer"  # the PCI driver's name in drivers/watchdog/i6300esb.c
 NVME = "0000:01:00.0"
 
 
@@ -77,6 +78,22 @@ def test_a_disk_open_for_writing_is_in_use_but_not_one_open_for_reading(
     process(machine, 11, "blkid", {3: ("/dev/nvme0n1", 0o100000)})  # O_RDONLY
     uses = functions_in_use(machine.sys, machine.proc)
     assert [str(use) for use in uses] == ["in use: /dev/nvme0n1 by pid 10 dd"]
+
+
+def test_an_nvme_multipath_namespace_open_for_writing_is_its_controllers_function(
+    machine: FakeMachine,
+) -> None:
+    # Linux 6.1 in the q35 guest: a controller in an NVMe subsystem gets a multipath head,
+    # /dev/nvme0n1, outside the PCI tree; the subsystem links to its controllers.
+    controller = machine.directory(f"pci0000:00/0000:00:02.0/{NVME}/nvme/nvme0")
+    subsystem = "virtual/nvme-subsystem/nvme-subsys0"
+    device_node(machine, "block", "259:0", f"{subsystem}/nvme0n1", "nvme0n1")
+    machine.link(machine.sys / "devices" / subsystem / "nvme0", controller)
+    process(machine, 12, "sleep", {3: ("/dev/nvme0n1", 0o100002)})  # O_RDWR | O_LARGEFILE
+    uses = functions_in_use(machine.sys, machine.proc)
+    assert [(str(use.bdf), str(use)) for use in uses] == [
+        (NVME, "in use: /dev/nvme0n1 by pid 12 sleep")
+    ]
 
 
 def test_an_nvme_character_device_and_a_drm_node_lead_to_their_functions(
@@ -153,25 +170,44 @@ def watchdog_device(machine: FakeMachine, bdf: str, driver: str, state: str) -> 
 
 
 def test_a_running_watchdog_is_protected(machine: FakeMachine) -> None:
-    watchdog_device(machine, "0000:00:0b.0", "i6300esb", "active")
+    watchdog_device(machine, "0000:00:0b.0", ESB_DRIVER, "active")
+    assert gather_facts(machine.sys, machine.proc).needed == {
+        Bdf.parse("0000:00:0b.0"): "hardware watchdog watchdog0 is running"
+    }
+
+
+def test_a_watchdog_without_a_parent_is_found_through_its_identity(
+    machine: FakeMachine,
+) -> None:
+    # i6300esb in Linux 6.1 (the q35 guest): /sys/class/watchdog/watchdog0 leads to
+    # /sys/devices/virtual/watchdog/watchdog0, whose identity is the PCI driver's name.
+    function = machine.directory("pci0000:00/0000:00:0b.0")
+    machine.link(machine.sys / "bus" / "pci" / "drivers" / ESB_DRIVER / "0000:00:0b.0", function)
+    real = machine.directory("virtual/watchdog/watchdog0")
+    machine.link(machine.sys / "class" / "watchdog" / "watchdog0", real)
+    (real / "state").write_text("active\n")
+    (real / "identity").write_text(ESB_DRIVER + "\n")
+    (watchdog,) = watchdogs(machine.sys)
+    assert watchdog == Watchdog("watchdog0", Bdf.parse("0000:00:0b.0"), ESB_DRIVER, True)
+    assert stop_on_reboot(machine.sys, watchdog) is not None
     assert gather_facts(machine.sys, machine.proc).needed == {
         Bdf.parse("0000:00:0b.0"): "hardware watchdog watchdog0 is running"
     }
 
 
 def test_a_stopped_watchdog_is_not_protected(machine: FakeMachine) -> None:
-    watchdog_device(machine, "0000:00:0b.0", "i6300esb", "inactive")
+    watchdog_device(machine, "0000:00:0b.0", ESB_DRIVER, "inactive")
     assert gather_facts(machine.sys, machine.proc).needed == {}
     (watchdog,) = watchdogs(machine.sys)
-    assert watchdog == Watchdog("watchdog0", Bdf.parse("0000:00:0b.0"), "i6300esb", False)
+    assert watchdog == Watchdog("watchdog0", Bdf.parse("0000:00:0b.0"), ESB_DRIVER, False)
 
 
 @pytest.mark.parametrize(
     ("parameter", "driver", "stops"),
     [
-        (None, "i6300esb", True),
-        ("-1", "i6300esb", True),
-        ("0", "i6300esb", False),
+        (None, ESB_DRIVER, True),
+        ("-1", ESB_DRIVER, True),
+        ("0", ESB_DRIVER, False),
         ("1", "other_wdt", True),
         ("-1", "other_wdt", False),
     ],
@@ -199,7 +235,7 @@ def sim_watchdog(sim: SimKernel, bdf: str, stop_on_reboot_parameter: str) -> Non
     (parameters / "stop_on_reboot").write_text(stop_on_reboot_parameter + "\n")
 
 
-WATCHDOG_MACHINE = [SimFunction("0000:00:0b.0", 0x8086, 0x25AB, 0x088000, driver="i6300esb")]
+WATCHDOG_MACHINE = [SimFunction("0000:00:0b.0", 0x8086, 0x25AB, 0x088000, driver=ESB_DRIVER)]
 
 
 def test_watchdog_is_refused_when_the_kernel_would_stop_it_at_kexec(
@@ -210,7 +246,7 @@ def test_watchdog_is_refused_when_the_kernel_would_stop_it_at_kexec(
     kexec = str(fake_kexec(tmp_path, sim))
     result = invoke(environment(sim, tmp_path), "exec", "--watchdog", "30", "--kexec", kexec)
     assert result.exit_code == ExitCode.PREFLIGHT_REFUSED
-    assert "i6300esb stops it on reboot (boot with watchdog.stop_on_reboot=0)" in result.stderr
+    assert f"{ESB_DRIVER} stops it on reboot (boot with watchdog.stop_on_reboot=0)" in result.stderr
     assert sim.writes() == []
 
 
