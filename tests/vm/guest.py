@@ -165,11 +165,12 @@ Q35 = Machine(
 
 _PRINTK_TIME = re.compile(r"^\[\s*(\d+\.\d+)\]\s")
 _UPTIME = re.compile(r"\buptime=(\d+\.\d+)")
+# A driver's name may hold spaces (i6300esb registers "i6300ESB timer").
 _READBACK = re.compile(
-    r"^READBACK (?P<bdf>\S+) driver=(?P<driver>\S+) command=(?P<command>[0-9a-fA-F]{4}|----)"
+    r"^READBACK (?P<bdf>\S+) driver=(?P<driver>.+?) command=(?P<command>[0-9a-fA-F]{4}|----)"
     r" tag=(?P<tag>\S+)"
 )
-_KV_LINE = re.compile(r"^(?P<key>SECOND-DEVICE) (?P<bdf>\S+) driver=(?P<driver>\S+)")
+_KV_LINE = re.compile(r"^(?P<key>SECOND-DEVICE) (?P<bdf>\S+) driver=(?P<driver>.+?)\s*$")
 
 
 @dataclasses.dataclass(frozen=True)

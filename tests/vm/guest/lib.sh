@@ -19,15 +19,25 @@ mount_basics() {
 # Modules in dependency order, computed on the host from modules.dep.
 load_modules() {
     kver=$(uname -r)
+    read -r cmdline < /proc/cmdline
     while read -r ko; do
         [ -n "$ko" ] || continue
-        name=${ko##*/}; name=${name%.ko}
+        name=${ko##*/}; name=${name%.ko}; name=$(echo "$name" | tr - _)
         # The kernel may have loaded it already through request_module (busybox modprobe).
-        [ -d "/sys/module/$(echo "$name" | tr - _)" ] && continue
-        if ! err=$(insmod "/lib/modules/$kver/$ko" 2>&1); then
+        [ -d "/sys/module/$name" ] && continue
+        # The kernel ignores `module.param=value` for modules it did not build in: modprobe
+        # passes them on at load (kmod, busybox). insmod does not, so pass them here.
+        if ! err=$(insmod "/lib/modules/$kver/$ko" $(cmdline_options "$name" "$cmdline") 2>&1)
+        then
             echo "MODULE-FAIL $ko $err"
         fi
     done < /etc/modules.load
+}
+
+cmdline_options() { # $1 = module name (with _), $2 = the kernel command line
+    for word in $2; do
+        case "$word" in "$1".*=*) echo "${word#"$1".}" ;; esac
+    done
 }
 
 driver_of() { # $1 = sysfs device dir

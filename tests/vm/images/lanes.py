@@ -50,6 +50,11 @@ GUEST_MODULES = (
     "9p",
     "crc32c_generic",
     "ext4",
+    # For devices some tests add: vfio-pci (bound by hand; its IOMMU backend, as vfio loads
+    # it on demand) and the i6300esb watchdog.
+    "vfio_pci",
+    "vfio_iommu_type1",
+    "i6300esb",
 )
 
 
