@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from petitkexec.bdf import Bdf
+from petitkexec.blockdev import functions_behind_block_device
 
 # O_ACCMODE bits of the `flags:` line in /proc/PID/fdinfo/FD (octal).
 O_ACCMODE = 0o3
@@ -43,7 +44,10 @@ def device_nodes(sysfs_root: Path, proc_root: Path) -> dict[str, tuple[bool, tup
         for link in _entries(sysfs_root / "dev" / kind):
             try:
                 target = link.resolve(strict=True)
-                functions = _functions_of(sysfs_root, target)
+                if kind == "block":
+                    functions = _functions_of_block_device(sysfs_root, link.name)
+                else:
+                    functions = _functions_of(sysfs_root, target)
                 name = _devname(target) if functions else None
             except OSError:
                 continue
@@ -58,6 +62,17 @@ def _devname(device: Path) -> str | None:
         if line.startswith("DEVNAME="):
             return line.removeprefix("DEVNAME=")
     return None
+
+
+def _functions_of_block_device(sysfs_root: Path, number: str) -> tuple[Bdf, ...]:
+    """A block device's functions, `number` as /sys/dev/block names it (MAJ:MIN). An nvme
+    namespace is a multipath head outside the PCI tree (/sys/devices/virtual/nvme-subsystem/)
+    whenever the controller has a subsystem (seen in the q35 guest, Linux 6.1); dm and md
+    devices are virtual too."""
+    major, _, minor = number.partition(":")
+    if not (major.isdigit() and minor.isdigit()):
+        return ()
+    return tuple(sorted(functions_behind_block_device(sysfs_root, (int(major), int(minor)))))
 
 
 def _functions_of(sysfs_root: Path, device: Path) -> tuple[Bdf, ...]:
