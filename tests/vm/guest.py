@@ -347,6 +347,34 @@ _TIMED_WORDS = (
 )
 
 
+# skiboot (OPAL) writes some messages straight to the console while Linux runs ("SBE: Timer
+# stuck, falling back to OPAL pollers" on a loaded host), in the middle of whatever line the
+# guest is printing: "READBACK 0003:01[   81.460996725,3] SBE: ...", then the rest of the
+# guest's line (":00.0 driver=xhci_hcd ...") after the firmware's lines.
+_FIRMWARE_MESSAGE = re.compile(r"\[\s*\d+\.\d{9},\d\] ")
+# A guest line that quotes the firmware's log on purpose: a label, then the message.
+_QUOTING_LABEL = re.compile(r"[A-Z0-9-]+ ")
+
+
+def rejoin_firmware_interruptions(lines: list[tuple[float, str]]) -> list[tuple[float, str]]:
+    """The console lines with each guest line the firmware cut in two made whole again (at
+    the time its end arrived), and the firmware's messages as lines of their own."""
+    joined: list[tuple[float, str]] = []
+    cut: str | None = None  # the start of a guest line the firmware interrupted
+    for at, line in lines:
+        message = _FIRMWARE_MESSAGE.search(line)
+        if cut is None and message and message.start() > 0:
+            start = line[: message.start()]
+            if not _QUOTING_LABEL.fullmatch(start):
+                cut = start
+                joined.append((at, line[message.start() :]))
+                continue
+        if cut is not None and not _FIRMWARE_MESSAGE.match(line):
+            line, cut = cut + line, None
+        joined.append((at, line))
+    return joined if cut is None else [*joined, (joined[-1][0], cut)]
+
+
 def parse_console(run_lines: list[tuple[float, str]], marker: str) -> ConsoleReport:
     """What the console lines (arrival time, text) of the run with this marker say."""
     guest_times: dict[str, float] = {}
@@ -534,7 +562,7 @@ def boot(
     args = [*machine.command(images.kernel, initrd, disk, append), *extra_qemu_args]
 
     qemu = run_qemu(args, log_path, timeout=timeout, poweroff_grace=poweroff_grace, echo=echo)
-    lines = qemu.lines
+    lines = rejoin_firmware_interruptions(qemu.lines)
     report = parse_console(lines, marker)
     shutil.rmtree(work, ignore_errors=True)
     return GuestRun(
