@@ -6,9 +6,7 @@ only with --debug.
 
 from __future__ import annotations
 
-import json
 import sys
-import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
@@ -29,7 +27,8 @@ from petitkexec.log import configure_logging
 from petitkexec.settings import SETTINGS, Scope, Settings, load_config, resolve
 
 # Everything else is imported by the command that needs it: `plan --snapshot` never loads
-# pyudev or the executor, and --help loads neither.
+# pyudev or the executor, and --help loads neither; `plan` loads json only to read a snapshot
+# or print JSON, traceback only with --debug.
 if TYPE_CHECKING:
     from petitkexec.outcome import StepOutcome, TeardownReport
     from petitkexec.run import ExecResult
@@ -98,6 +97,8 @@ class _Group(click.Group):
 
 def _die(error: BaseException, *, debug: bool) -> NoReturn:
     if debug:
+        import traceback
+
         traceback.print_exception(error)
     if isinstance(error, RolledBack):
         from petitkexec.render import rollback_lines
@@ -146,6 +147,8 @@ def _echo_err(text: str) -> None:
 
 
 def _print_json(payload: dict[str, Any]) -> None:
+    import json
+
     click.echo(json.dumps(payload, indent=2))
 
 
@@ -161,16 +164,19 @@ def plan(snapshot_path: Path | None, as_json: bool, **given: Any) -> None:
     """Show what a teardown would do to every PCI function. Changes nothing."""
     from petitkexec.plan import build_plan
     from petitkexec.render import facts_line, plan_summary, plan_to_json, plan_tree
-    from petitkexec.snapshot import facts_to_json, load_snapshot
 
     settings = _settings(given)
     if snapshot_path is not None:
+        from petitkexec.snapshot import load_snapshot
+
         topology, facts = load_snapshot(snapshot_path)
     else:
         environment = _environment()
         topology, facts = environment.topology(), environment.facts()
     the_plan = build_plan(topology, settings.policy, facts)
     if as_json:
+        from petitkexec.snapshot import facts_to_json
+
         _print_json({**plan_to_json(topology, the_plan), "facts": facts_to_json(facts)})
         return
     click.echo(plan_tree(topology, the_plan))
@@ -184,6 +190,8 @@ def plan(snapshot_path: Path | None, as_json: bool, **given: Any) -> None:
 @click.option("-o", "--output", type=click.Path(path_type=Path), help="Write here, not stdout.")
 def snapshot(output: Path | None) -> None:
     """Write this machine's PCI topology and facts as JSON (for `plan --snapshot`)."""
+    import json
+
     from petitkexec.snapshot import snapshot_to_json
 
     environment = _environment()
