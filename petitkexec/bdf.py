@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 
@@ -27,16 +28,10 @@ class Bdf:
         if not 0 <= self.domain <= 0xFFFFFFFF:
             raise ValueError(f"PCI domain out of range: {self.domain:x}")
 
-    @classmethod
-    def parse(cls, text: str) -> Bdf:
+    @staticmethod
+    def parse(text: str) -> Bdf:
         """Parse `0000:00:1f.2` (or `00:1f.2`, domain 0); anything else is a ValueError."""
-        match = _BDF.match(text.strip())
-        if match is None:
-            raise ValueError(f"{text!r} is not a PCI address (expected DDDD:BB:DD.F)")
-        bus, device = int(match["bus"], 16), int(match["device"], 16)
-        if device > 0x1F:
-            raise ValueError(f"{text!r} is not a PCI address (device number above 1f)")
-        return cls(int(match["domain"] or "0", 16), bus, device, int(match["function"]))
+        return _parse(text)
 
     @classmethod
     def innermost_in(cls, path: str) -> Bdf | None:
@@ -55,3 +50,17 @@ class Bdf:
 
     def __str__(self) -> str:
         return f"{self.domain:04x}:{self.bus:02x}:{self.device:02x}.{self.function}"
+
+
+# A snapshot names most addresses several times (each function, its parent, its PF): a 10k
+# machine has about 30,000 of them, a third distinct. Bdf is immutable, so the answers can be
+# shared; errors are not cached and are raised again.
+@functools.lru_cache(maxsize=1 << 16)
+def _parse(text: str) -> Bdf:
+    match = _BDF.match(text.strip())
+    if match is None:
+        raise ValueError(f"{text!r} is not a PCI address (expected DDDD:BB:DD.F)")
+    bus, device = int(match["bus"], 16), int(match["device"], 16)
+    if device > 0x1F:
+        raise ValueError(f"{text!r} is not a PCI address (device number above 1f)")
+    return Bdf(int(match["domain"] or "0", 16), bus, device, int(match["function"]))

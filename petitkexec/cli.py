@@ -147,9 +147,11 @@ def _echo_err(text: str) -> None:
 
 
 def _print_json(payload: dict[str, Any]) -> None:
+    """One line, for programs (`| jq` for people): indenting would take the json module off
+    its C encoder, three times the time on a 10k-function plan."""
     import json
 
-    click.echo(json.dumps(payload, indent=2))
+    click.echo(json.dumps(payload))
 
 
 @cli.command(epilog=EXIT_CODES_HELP)
