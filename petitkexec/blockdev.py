@@ -3,10 +3,14 @@ nvme multipath. Read from sysfs only, its root a parameter."""
 
 from __future__ import annotations
 
+import errno
+import os
 import re
 from pathlib import Path
 
 from petitkexec.bdf import Bdf
+
+MAX_LINK_HOPS = 40  # as the kernel's path walk (MAXSYMLINKS): then ELOOP
 
 
 def functions_behind_block_device(sysfs_root: Path, device: tuple[int, int]) -> set[Bdf]:
@@ -17,7 +21,7 @@ def functions_behind_block_device(sysfs_root: Path, device: tuple[int, int]) -> 
     pending = [sysfs_root / "dev" / "block" / f"{device[0]}:{device[1]}"]
     while pending:
         try:
-            node = pending.pop().resolve(strict=True)
+            node = resolve_link(pending.pop())
         except OSError:
             continue
         if node in seen:
@@ -41,6 +45,26 @@ def functions_behind_block_device(sysfs_root: Path, device: tuple[int, int]) -> 
         if bdf := Bdf.innermost_in(str(node)):
             found.add(bdf)
     return found
+
+
+def resolve_link(path: Path) -> Path:
+    """`path.resolve(strict=True)` for a sysfs path whose directory is a real one (no link on
+    the way to it): /sys/dev/block/MAJ:MIN, a real directory's `slaves/` entry.
+
+    One readlink per link instead of Path.resolve's lstat of every component (a PCIe device
+    lies ~10 directories deep; under emulation each costs ms). Right because sysfs links
+    lead to kobject directories, and no directory on the way to one is a link itself:
+    normalising the target is its real path."""
+    current = os.fspath(path)
+    for _ in range(MAX_LINK_HOPS):
+        try:
+            target = os.readlink(current)
+        except OSError as error:
+            if error.errno == errno.EINVAL:  # not a link: `current` exists and is real
+                return Path(current)
+            raise  # ENOENT: it, or the link's target, is gone (resolve's strict=True)
+        current = os.path.normpath(os.path.join(os.path.dirname(current), target))
+    raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), os.fspath(path))
 
 
 def _entries(directory: Path) -> list[Path]:

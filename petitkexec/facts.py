@@ -15,7 +15,7 @@ from pathlib import Path
 from petitkexec.bdf import Bdf
 from petitkexec.blockdev import functions_behind_block_device
 from petitkexec.errors import PreflightRefused
-from petitkexec.inuse import functions_in_use, live_update_active
+from petitkexec.inuse import NodeUse, in_use_and_live_update
 from petitkexec.model import SystemFacts
 from petitkexec.watchdog import watchdogs
 
@@ -59,9 +59,9 @@ def read_mounts(proc_root: Path) -> list[Mount]:
 
 
 def gather_facts(sysfs_root: Path, proc_root: Path = Path("/proc")) -> SystemFacts:
-    live_update = live_update_active(proc_root)
+    in_use, live_update = in_use_and_live_update(sysfs_root, proc_root)
     return SystemFacts(
-        needed=needed_functions(sysfs_root, proc_root, live_update),
+        needed=needed_functions(sysfs_root, proc_root, in_use, live_update),
         lockdown=read_lockdown(sysfs_root),
         kexec_loaded=read_kexec_loaded(sysfs_root),
         live_update=live_update,
@@ -70,7 +70,7 @@ def gather_facts(sysfs_root: Path, proc_root: Path = Path("/proc")) -> SystemFac
 
 
 def needed_functions(
-    sysfs_root: Path, proc_root: Path, live_update: str | None = None
+    sysfs_root: Path, proc_root: Path, in_use: list[NodeUse], live_update: str | None
 ) -> dict[Bdf, str]:
     """Map each PCI function the running system needs to why, first reason wins."""
     needed: dict[Bdf, str] = {}
@@ -78,7 +78,7 @@ def needed_functions(
         _mount_needs(sysfs_root, proc_root),
         _swap_needs(sysfs_root, proc_root),
         _console_needs(sysfs_root),
-        ((use.bdf, str(use)) for use in functions_in_use(sysfs_root, proc_root)),
+        ((use.bdf, str(use)) for use in in_use),
         _live_update_needs(sysfs_root, live_update),
         _watchdog_needs(sysfs_root),
     ):

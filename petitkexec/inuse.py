@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from petitkexec.bdf import Bdf
-from petitkexec.blockdev import functions_behind_block_device
+from petitkexec.blockdev import functions_behind_block_device, resolve_link
 
 # O_ACCMODE bits of the `flags:` line in /proc/PID/fdinfo/FD (octal).
 O_ACCMODE = 0o3
@@ -43,7 +43,7 @@ def device_nodes(sysfs_root: Path, proc_root: Path) -> dict[str, tuple[bool, tup
     for kind in ("char", "block"):
         for link in _entries(sysfs_root / "dev" / kind):
             try:
-                target = link.resolve(strict=True)
+                target = resolve_link(link)
                 if kind == "block":
                     functions = _functions_of_block_device(sysfs_root, link.name)
                 else:
@@ -142,9 +142,26 @@ def _readlink_at(directory: int, name: str) -> str | None:
 def functions_in_use(sysfs_root: Path, proc_root: Path) -> list[NodeUse]:
     """Every PCI function with a device node some process holds open (a block device only
     when open for writing: reading a disk does not lose data)."""
+    return in_use_and_live_update(sysfs_root, proc_root)[0]
+
+
+def in_use_and_live_update(sysfs_root: Path, proc_root: Path) -> tuple[list[NodeUse], str | None]:
+    """functions_in_use(), and why Live Update may preserve devices across this kexec (or
+    None), from one walk over every process's open files: the walk is most of their cost."""
     nodes = device_nodes(sysfs_root, proc_root)
+    held = list(open_nodes(proc_root, {*nodes, LIVEUPDATE_NODE}))
+    return _uses(proc_root, nodes, held), _live_update(proc_root, held)
+
+
+def _uses(
+    proc_root: Path,
+    nodes: dict[str, tuple[bool, tuple[Bdf, ...]]],
+    held: list[tuple[str, int, int]],
+) -> list[NodeUse]:
     uses: list[NodeUse] = []
-    for node, pid, fd in open_nodes(proc_root, set(nodes)):
+    for node, pid, fd in held:
+        if node not in nodes:
+            continue  # /dev/liveupdate, held for _live_update
         is_block, functions = nodes[node]
         if is_block and not _open_for_writing(proc_root, pid, fd):
             continue
@@ -153,9 +170,8 @@ def functions_in_use(sysfs_root: Path, proc_root: Path) -> list[NodeUse]:
     return uses
 
 
-def live_update_active(proc_root: Path) -> str | None:
-    """Why Live Update may preserve devices across this kexec, or None: the agent holds
-    /dev/liveupdate, or the kernel was booted with liveupdate= or kho=."""
+def _live_update(proc_root: Path, held: list[tuple[str, int, int]]) -> str | None:
+    """The agent holds /dev/liveupdate, or the kernel was booted with liveupdate= or kho=."""
     try:
         words = (proc_root / "cmdline").read_text().split()
     except OSError:
@@ -164,8 +180,9 @@ def live_update_active(proc_root: Path) -> str | None:
         key, _, value = word.partition("=")
         if key in ("liveupdate", "kho") and value not in ("0", "off", "n", "no"):
             return f"{word} on the kernel command line"
-    for _node, pid, _fd in open_nodes(proc_root, {LIVEUPDATE_NODE}):
-        return f"{LIVEUPDATE_NODE} held by pid {pid} {_command(proc_root, pid)}"
+    for node, pid, _fd in held:
+        if node == LIVEUPDATE_NODE:
+            return f"{LIVEUPDATE_NODE} held by pid {pid} {_command(proc_root, pid)}"
     return None
 
 
