@@ -21,7 +21,7 @@ def functions_behind_block_device(sysfs_root: Path, device: tuple[int, int]) -> 
     pending = [sysfs_root / "dev" / "block" / f"{device[0]}:{device[1]}"]
     while pending:
         try:
-            node = resolve_link(pending.pop())
+            node = Path(resolve_link(pending.pop()))
         except OSError:
             continue
         if node in seen:
@@ -47,11 +47,11 @@ def functions_behind_block_device(sysfs_root: Path, device: tuple[int, int]) -> 
     return found
 
 
-def resolve_link(path: Path) -> Path:
-    """`path.resolve(strict=True)` for a sysfs path whose directory is a real one (no link on
-    the way to it): /sys/dev/block/MAJ:MIN, a real directory's `slaves/` entry.
+def resolve_link(path: str | os.PathLike[str]) -> str:
+    """`os.path.realpath(path, strict=True)` for a sysfs path whose directory is a real one
+    (no link on the way to it): /sys/dev/block/MAJ:MIN, a real directory's `slaves/` entry.
 
-    One readlink per link instead of Path.resolve's lstat of every component (a PCIe device
+    One readlink per link instead of realpath's lstat of every component (a PCIe device
     lies ~10 directories deep; under emulation each costs ms). Right because sysfs links
     lead to kobject directories, and no directory on the way to one is a link itself:
     normalising the target is its real path."""
@@ -61,8 +61,8 @@ def resolve_link(path: Path) -> Path:
             target = os.readlink(current)
         except OSError as error:
             if error.errno == errno.EINVAL:  # not a link: `current` exists and is real
-                return Path(current)
-            raise  # ENOENT: it, or the link's target, is gone (resolve's strict=True)
+                return current
+            raise  # ENOENT: it, or the link's target, is gone (realpath's strict=True)
         current = os.path.normpath(os.path.join(os.path.dirname(current), target))
     raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), os.fspath(path))
 

@@ -41,9 +41,11 @@ def device_nodes(sysfs_root: Path, proc_root: Path) -> dict[str, tuple[bool, tup
     below a PCI function: block, nvme, drm, sound, input, tty, hidraw, watchdog, vfio."""
     nodes: dict[str, tuple[bool, tuple[Bdf, ...]]] = {}
     for kind in ("char", "block"):
-        for link in _entries(sysfs_root / "dev" / kind):
+        # Plain strings, not Paths: there are hundreds of these links (every tty, every
+        # partition), and most lead to no PCI function.
+        for link in _scandir(sysfs_root / "dev" / kind):
             try:
-                target = resolve_link(link)
+                target = resolve_link(link.path)
                 if kind == "block":
                     functions = _functions_of_block_device(sysfs_root, link.name)
                 else:
@@ -57,8 +59,8 @@ def device_nodes(sysfs_root: Path, proc_root: Path) -> dict[str, tuple[bool, tup
     return nodes
 
 
-def _devname(device: Path) -> str | None:
-    for line in (device / "uevent").read_text().splitlines():
+def _devname(device: str) -> str | None:
+    for line in Path(device, "uevent").read_text().splitlines():
         if line.startswith("DEVNAME="):
             return line.removeprefix("DEVNAME=")
     return None
@@ -75,14 +77,15 @@ def _functions_of_block_device(sysfs_root: Path, number: str) -> tuple[Bdf, ...]
     return tuple(sorted(functions_behind_block_device(sysfs_root, (int(major), int(minor)))))
 
 
-def _functions_of(sysfs_root: Path, device: Path) -> tuple[Bdf, ...]:
-    bdf = Bdf.innermost_in(str(device))
+def _functions_of(sysfs_root: Path, device: str) -> tuple[Bdf, ...]:
+    bdf = Bdf.innermost_in(device)
     if bdf is not None:
         return (bdf,)
     # A VFIO group's node (/dev/vfio/N, noiommu-N) is a virtual device: its functions are
     # the members of IOMMU group N.
-    if device.parent.name == "vfio":
-        group = device.name.removeprefix("noiommu-")
+    parent, name = os.path.split(device)
+    if os.path.basename(parent) == "vfio":
+        group = name.removeprefix("noiommu-")
         members = _entries(sysfs_root / "kernel" / "iommu_groups" / group / "devices")
         return tuple(sorted(b for m in members if (b := Bdf.innermost_in(m.name))))
     return ()
