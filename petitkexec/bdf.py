@@ -14,6 +14,8 @@ _BDF = re.compile(
 
 @dataclass(frozen=True, order=True)
 class Bdf:
+    """A PCI function's address: domain, bus, device, function."""
+
     domain: int
     bus: int
     device: int

@@ -19,8 +19,11 @@ from petitkexec.outcome import Status, StepOutcome
 from petitkexec.plan import Step
 
 
-@dataclass(frozen=True)
+# eq=False: equal only to itself; nothing compares one (no __eq__/__hash__ to compile at start)
+@dataclass(frozen=True, eq=False)
 class BusMasterClearer:
+    """Clears bus master in PCI_COMMAND, journaling how to restore it."""
+
     kernel: Kernel
     journal: Journal
 

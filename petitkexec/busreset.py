@@ -30,8 +30,11 @@ SBR_ANSWER_DEADLINE_S = 1.0
 SBR_ANSWER_POLL_S = 0.02
 
 
-@dataclass(frozen=True)
+# eq=False: equal only to itself; nothing compares one (no __eq__/__hash__ to compile at start)
+@dataclass(frozen=True, eq=False)
 class BusResetter:
+    """Resets the bus below a bridge: the kernel's reset, in a child with a deadline, or raw SBR."""
+
     kernel: Kernel
     topology: Topology
     timeout_s: float

@@ -19,7 +19,8 @@ if TYPE_CHECKING:
 SYSFS_ROOT = Path("/sys")
 
 
-@dataclass
+# eq=False: equal only to itself; nothing compares one (no __eq__/__hash__ to compile at start)
+@dataclass(eq=False)
 class Environment:
     """What the commands act on; tests hand in a simulated kernel."""
 

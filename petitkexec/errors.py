@@ -97,7 +97,8 @@ def errno_name(code: int) -> str:
     return errno_module.errorcode.get(code, str(code))
 
 
-@dataclass(frozen=True)
+# eq=False: equal only to itself; nothing compares one (no __eq__/__hash__ to compile at start)
+@dataclass(frozen=True, eq=False)
 class KernelWriteFailed(Exception):
     """A sysfs write the kernel refused (or that did not finish in time)."""
 

@@ -22,6 +22,8 @@ from petitkexec.watchdog import watchdogs
 
 @dataclass(frozen=True)
 class Mount:
+    """One mounted file system, from /proc/self/mountinfo."""
+
     device: tuple[int, int]  # st_dev of the file system: (major, minor)
     mount_point: str
     fstype: str

@@ -21,8 +21,11 @@ RESET_PHBS_PARAMETER = "ppc_pci_reset_phbs"
 KEXEC_SEARCH_PATH = ("/usr/sbin", "/sbin", "/usr/bin", "/bin", "/usr/local/sbin")
 
 
-@dataclass(frozen=True)
+# eq=False: equal only to itself; nothing compares one (no __eq__/__hash__ to compile at start)
+@dataclass(frozen=True, eq=False)
 class LoadRequest:
+    """--load: the kernel to `kexec -l` (or -s) before the teardown."""
+
     kernel: Path
     initrd: Path | None = None
     append: str | None = None
@@ -52,7 +55,8 @@ class LoadRequest:
         return argv
 
 
-@dataclass(frozen=True)
+# eq=False: equal only to itself; nothing compares one (no __eq__/__hash__ to compile at start)
+@dataclass(frozen=True, eq=False)
 class HandoffResult:
     """Only ever seen when the handoff did not happen."""
 

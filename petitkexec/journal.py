@@ -22,6 +22,8 @@ class UndoKind(Enum):
 
 @dataclass(frozen=True)
 class Undo:
+    """How to put back what one teardown step changed."""
+
     kind: UndoKind
     bdf: Bdf
     driver: str | None = None
@@ -42,13 +44,18 @@ class Undo:
 
 @dataclass(frozen=True)
 class UndoResult:
+    """What became of one undo during a rollback."""
+
     undo: Undo
     ok: bool
     detail: str = ""
 
 
-@dataclass
+# eq=False: equal only to itself; nothing compares one (no __eq__/__hash__ to compile at start)
+@dataclass(eq=False)
 class Journal:
+    """The undos of the steps done so far, rolled back last first."""
+
     # A rebind runs probe(), which may wait on locks a hung remove() still holds, and
     # restoring SR-IOV probes every VF: each gets this deadline, so a rollback always ends.
     undo_timeout_s: float

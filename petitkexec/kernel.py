@@ -39,7 +39,8 @@ class RealSysfsWriter:
             os.close(fd)
 
 
-@dataclass
+# eq=False: equal only to itself; nothing compares one (no __eq__/__hash__ to compile at start)
+@dataclass(eq=False)
 class Kernel:
     """PCI sysfs under `root`: every read and write petitkexec does to the running kernel."""
 

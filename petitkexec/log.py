@@ -20,8 +20,11 @@ from typing import Any
 DEBUG, INFO, WARNING = 10, 20, 30
 
 
-@dataclass
+# eq=False: equal only to itself; nothing compares one (no __eq__/__hash__ to compile at start)
+@dataclass(eq=False)
 class _Config:
+    """What configure_logging() chose, read by every logger."""
+
     level: int = WARNING
     structlog_ready: bool = False
 
@@ -58,7 +61,8 @@ def _structlog_logger(name: str) -> Any:
     return structlog.get_logger(name)
 
 
-@dataclass(frozen=True)
+# eq=False: equal only to itself; nothing compares one (no __eq__/__hash__ to compile at start)
+@dataclass(frozen=True, eq=False)
 class Logger:
     """The few methods petitkexec logs with; an event below the level costs a comparison."""
 

@@ -26,6 +26,8 @@ class Status(Enum):
 
 @dataclass(frozen=True)
 class StepOutcome:
+    """What one step did, how long it took, and how the function was left."""
+
     step: Step
     status: Status
     detail: str
@@ -39,7 +41,8 @@ class StepOutcome:
         return bus_master_of(self.command_after)
 
 
-@dataclass(frozen=True)
+# eq=False: equal only to itself; nothing compares one (no __eq__/__hash__ to compile at start)
+@dataclass(frozen=True, eq=False)
 class Pending:
     """A step whose blocking kernel call runs in `child`; `finish` reads its result."""
 
@@ -51,6 +54,8 @@ class Pending:
 
 @dataclass(frozen=True)
 class TeardownReport:
+    """Every step's outcome, and how the run as a whole ended."""
+
     outcomes: tuple[StepOutcome, ...]
     stopped_because: str | None = None  # a hung unbind or a signal ended the run early
     hung: tuple[Bdf, ...] = ()

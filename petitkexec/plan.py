@@ -34,6 +34,8 @@ class Action(Enum):
 
 @dataclass(frozen=True)
 class Step:
+    """One thing to do, or not do, to one PCI function, and why."""
+
     bdf: Bdf
     action: Action
     reason: str
@@ -47,6 +49,8 @@ class Step:
 
 @dataclass(frozen=True)
 class Plan:
+    """The ordered steps of a teardown, and the conflicts found while planning it."""
+
     steps: tuple[Step, ...]
     conflicts: tuple[str, ...] = ()
 

@@ -10,8 +10,11 @@ from petitkexec.model import SystemFacts
 from petitkexec.plan import Plan
 
 
-@dataclass(frozen=True)
+# eq=False: equal only to itself; nothing compares one (no __eq__/__hash__ to compile at start)
+@dataclass(frozen=True, eq=False)
 class PreflightInput:
+    """What the checks before an exec look at."""
+
     facts: SystemFacts
     plan: Plan
     kexec: str | None  # the binary that will run `-e`, None if not found

@@ -18,6 +18,8 @@ class Effect(Enum):
 
 @dataclass(frozen=True)
 class Quirk:
+    """What is known about a device or driver, where from, and what the plan does about it."""
+
     id: str
     says: str
     source: str

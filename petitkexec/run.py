@@ -33,7 +33,8 @@ from petitkexec.settings import Settings
 from petitkexec.watchdog import Watchdog, arm, disarm, stop_on_reboot
 
 
-@dataclass(frozen=True)
+# eq=False: equal only to itself; nothing compares one (no __eq__/__hash__ to compile at start)
+@dataclass(frozen=True, eq=False)
 class Prepared:
     """What a teardown acts on: the machine as discovered, and the plan for it."""
 
@@ -80,7 +81,8 @@ class Handoff(Enum):
     FAILED = "failed"
 
 
-@dataclass(frozen=True)
+# eq=False: equal only to itself; nothing compares one (no __eq__/__hash__ to compile at start)
+@dataclass(frozen=True, eq=False)
 class ArmedWatchdog:
     """--watchdog: a hardware watchdog started right before the handoff, so that a next
     kernel that hangs is reset."""
@@ -95,8 +97,11 @@ class ArmedWatchdog:
         return {self.watchdog.bdf: f"{self.watchdog.name} armed for the handoff by --watchdog"}
 
 
-@dataclass(frozen=True)
+# eq=False: equal only to itself; nothing compares one (no __eq__/__hash__ to compile at start)
+@dataclass(frozen=True, eq=False)
 class HandoffRequest:
+    """How `exec` hands off: the kexec binary or the syscall, and what comes with it."""
+
     kexec: str | None  # the absolute path preflight resolved, None if there is none
     syscall: bool = False  # reboot(LINUX_REBOOT_CMD_KEXEC) instead of `kexec -e`
     strict: bool = False
@@ -114,8 +119,11 @@ class HandoffRequest:
         return " ".join(exec_argv(self.binary, self.kexec_args))
 
 
-@dataclass(frozen=True)
+# eq=False: equal only to itself; nothing compares one (no __eq__/__hash__ to compile at start)
+@dataclass(frozen=True, eq=False)
 class ExecResult:
+    """How an `exec` that returned ended, with its report and any rollback."""
+
     report: TeardownReport
     handoff: Handoff
     command: str

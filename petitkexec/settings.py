@@ -34,8 +34,11 @@ class Scope(Enum):
 Parser = Callable[[Any, str], Any]  # (raw value, where it came from) -> value, or UsageError
 
 
-@dataclass(frozen=True)
+# eq=False: equal only to itself; nothing compares one (no __eq__/__hash__ to compile at start)
+@dataclass(frozen=True, eq=False)
 class Setting:
+    """One setting: its command-line option, its config-file key and how to parse both."""
+
     name: str  # the keyword click passes, and the field it fills
     option: str
     help: str
@@ -252,6 +255,8 @@ class ExecutionOptions:
 
 @dataclass(frozen=True)
 class Settings:
+    """Every setting of a command, resolved: the plan's policy and how to execute it."""
+
     policy: Policy = field(default_factory=Policy)
     execution: ExecutionOptions = field(default_factory=ExecutionOptions)
 

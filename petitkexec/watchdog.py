@@ -30,6 +30,8 @@ STOPS_ON_REBOOT = frozenset({"i6300ESB timer"})
 
 @dataclass(frozen=True)
 class Watchdog:
+    """A hardware watchdog, as /sys/class/watchdog shows it."""
+
     name: str  # watchdog0
     bdf: Bdf | None  # the PCI function it belongs to, None for a platform watchdog
     driver: str | None
