@@ -140,6 +140,8 @@ def build_function(
         return None  # gone while we read it (or not a function we can make sense of)
     config = read_config_header(sys_path)
     enable_count = parse_count(read("enable"))
+    # Plain strings for the files only tested for: joining Paths costs more than the stat.
+    directory = os.fspath(sys_path)
     return PciFunction(
         bdf=bdf,
         vendor=vendor,
@@ -150,14 +152,14 @@ def build_function(
         driver=driver,
         # drivers with suppress_bind_attrs have no `unbind` file: the one visible sign that
         # the kernel will not let userspace unbind them (driver_sysfs/bus_add_driver).
-        driver_can_unbind=driver is not None and (sys_path / "driver" / "unbind").exists(),
+        driver_can_unbind=driver is not None and os.path.exists(f"{directory}/driver/unbind"),
         driver_override=parse_driver_override(read("driver_override")),
         parent=parent,
-        physfn=_link_target_bdf(sys_path / "physfn"),
+        physfn=_link_target_bdf(f"{directory}/physfn"),
         enabled=None if enable_count is None else enable_count > 0,
         reset_methods=parse_words(read("reset_method")),
-        has_reset=(sys_path / "reset").exists(),
-        has_reset_subordinate=(sys_path / "reset_subordinate").exists(),
+        has_reset=os.path.exists(f"{directory}/reset"),
+        has_reset_subordinate=os.path.exists(f"{directory}/reset_subordinate"),
     )
 
 
@@ -170,8 +172,10 @@ def read_config_header(sys_path: Path) -> bytes:
         return b""
 
 
-def _link_target_bdf(link: Path) -> Bdf | None:
+def _link_target_bdf(link: str) -> Bdf | None:
+    # The link names the function's directory (`physfn` -> ../0000:01:00.0): one readlink,
+    # where resolve() would lstat every directory up to /sys first.
     try:
-        return Bdf.parse(link.resolve(strict=True).name)
+        return Bdf.parse(os.path.basename(os.readlink(link)))
     except (OSError, ValueError):
         return None
