@@ -9,12 +9,12 @@ from dataclasses import dataclass
 from petitkexec.errors import UsageError
 from petitkexec.model import PciFunction
 
-_BDF_GLOB = re.compile(
-    r"^(?:[0-9a-fA-F*?\[\]-]+:)?[0-9a-fA-F*?\[\]-]+:[0-9a-fA-F*?\[\]-]+\.[0-7*?\[\]-]+$"
-)
-_VENDOR_DEVICE = re.compile(r"^(?P<vendor>[0-9a-fA-F]{4}|\*):(?P<device>[0-9a-fA-F]{4}|\*)$")
-_CLASS = re.compile(r"^class:(?:0x)?(?P<prefix>[0-9a-fA-F]{2}|[0-9a-fA-F]{4}|[0-9a-fA-F]{6})$")
-_DRIVER = re.compile(r"^(?:driver:)?(?P<name>[A-Za-z0-9_][A-Za-z0-9_.\-]*)$")
+# Patterns, compiled by `re` at their first use (and cached there): most runs parse no spec,
+# and compiling is pure Python, slow at every start under emulation.
+_BDF_GLOB = r"^(?:[0-9a-fA-F*?\[\]-]+:)?[0-9a-fA-F*?\[\]-]+:[0-9a-fA-F*?\[\]-]+\.[0-7*?\[\]-]+$"
+_VENDOR_DEVICE = r"^(?P<vendor>[0-9a-fA-F]{4}|\*):(?P<device>[0-9a-fA-F]{4}|\*)$"
+_CLASS = r"^class:(?:0x)?(?P<prefix>[0-9a-fA-F]{2}|[0-9a-fA-F]{4}|[0-9a-fA-F]{6})$"
+_DRIVER = r"^(?:driver:)?(?P<name>[A-Za-z0-9_][A-Za-z0-9_.\-]*)$"
 
 SPEC_SYNTAX = (
     "a BDF glob (0000:00:1f.*), vendor:device (8086:10d3, 8086:*), "
@@ -33,15 +33,15 @@ class DeviceSpec:
     @classmethod
     def parse(cls, text: str, option: str) -> DeviceSpec:
         value = text.strip()
-        if _VENDOR_DEVICE.match(value):
+        if re.match(_VENDOR_DEVICE, value):
             return cls(text, "id", value.lower())
-        if match := _CLASS.match(value):
+        if match := re.match(_CLASS, value):
             return cls(text, "class", match["prefix"].lower())
-        if _BDF_GLOB.match(value):
+        if re.match(_BDF_GLOB, value):
             # A short glob (00:1f.*) means domain 0000, as lspci and setpci read it.
             pattern = value.lower() if value.count(":") == 2 else f"0000:{value.lower()}"
             return cls(text, "bdf", pattern)
-        if match := _DRIVER.match(value):
+        if match := re.match(_DRIVER, value):
             return cls(text, "driver", match["name"])
         raise UsageError(option, text, f"is not a device spec; expected {SPEC_SYNTAX}")
 
