@@ -52,6 +52,8 @@ class Mount:
 
 def _unescape(text: str) -> str:
     """mountinfo escapes space, tab, newline and backslash as octal."""
+    if "\\" not in text:
+        return text  # the usual case: no substitution to run for every field of every line
     return re.sub(r"\\([0-7]{3})", lambda match: chr(int(match[1], 8)), text)
 
 

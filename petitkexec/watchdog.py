@@ -43,7 +43,13 @@ class Watchdog:
 
 
 def watchdogs(sysfs_root: Path) -> Iterator[Watchdog]:
-    for entry in sorted((sysfs_root / "class" / "watchdog").glob("watchdog*")):
+    directory = sysfs_root / "class" / "watchdog"
+    try:
+        # Not glob("watchdog*"): it compiles a pattern, at every start, for a prefix.
+        names = sorted(name for name in os.listdir(directory) if name.startswith("watchdog"))
+    except OSError:
+        return
+    for entry in (directory / name for name in names):
         try:
             state = (entry / "state").read_text().strip()
         except OSError:
