@@ -29,7 +29,7 @@ import time
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, TypeVar
 
 from .images.build import Images, current_images
 from .images.cpio import write_cpio
@@ -229,6 +229,9 @@ class ConsoleReport:
         return t["PETITKEXEC-SECOND-UP"] - t["KEXEC-START"]
 
 
+_Run = TypeVar("_Run", bound="GuestRun")
+
+
 @dataclasses.dataclass(frozen=True)
 class GuestRun(ConsoleReport):
     """What one boot showed: what the console said (the ConsoleReport it extends) and how the
@@ -243,6 +246,32 @@ class GuestRun(ConsoleReport):
     wall_seconds: float
     capture_path: Path | None = None
     qemu_args: list[str] = dataclasses.field(default_factory=list)
+
+    @classmethod
+    def from_qemu(
+        cls: type[_Run],
+        qemu: QemuRun,
+        *,
+        marker: str,
+        log_path: Path,
+        args: Sequence[str],
+        **more: Any,
+    ) -> _Run:
+        """What a QEMU run of any guest showed: its console read (lines a firmware cut in
+        two made whole) and parsed, and how the run went; `more`: a subclass's own fields."""
+        lines = rejoin_firmware_interruptions(qemu.lines)
+        return cls(
+            **vars(parse_console(lines, marker)),
+            log="\n".join(line for _, line in lines),
+            log_path=log_path,
+            marker=marker,
+            timed_out=qemu.timed_out,
+            poweroff_hung=qemu.poweroff_hung,
+            qemu_returncode=qemu.returncode,
+            wall_seconds=qemu.wall_seconds,
+            qemu_args=list(args),
+            **more,
+        )
 
     def readback(self, tag: str) -> dict[str, ReadbackLine]:
         try:
@@ -562,20 +591,9 @@ def boot(
     args = [*machine.command(images.kernel, initrd, disk, append), *extra_qemu_args]
 
     qemu = run_qemu(args, log_path, timeout=timeout, poweroff_grace=poweroff_grace, echo=echo)
-    lines = rejoin_firmware_interruptions(qemu.lines)
-    report = parse_console(lines, marker)
     shutil.rmtree(work, ignore_errors=True)
-    return GuestRun(
-        **vars(report),
-        log="\n".join(line for _, line in lines),
-        log_path=log_path,
-        marker=marker,
-        timed_out=qemu.timed_out,
-        poweroff_hung=qemu.poweroff_hung,
-        qemu_returncode=qemu.returncode,
-        wall_seconds=qemu.wall_seconds,
-        capture_path=capture_path,
-        qemu_args=args,
+    return GuestRun.from_qemu(
+        qemu, marker=marker, log_path=log_path, args=args, capture_path=capture_path
     )
 
 

@@ -842,21 +842,14 @@ def boot_systemd(
         echo=echo,
         poll_s=0.2,
     )
-    lines = finished.lines
     shutil.rmtree(work, ignore_errors=True)
-    report = guest.parse_console(lines, marker)
-    return SystemdRun(
-        **vars(report),
-        log="\n".join(line for _, line in lines),
-        log_path=log_path,
+    return SystemdRun.from_qemu(
+        finished,
         marker=marker,
-        timed_out=finished.timed_out,
-        poweroff_hung=finished.poweroff_hung,
-        qemu_returncode=finished.returncode,
-        wall_seconds=finished.wall_seconds,
-        qemu_args=command,
+        log_path=log_path,
+        args=command,
         mode=mode,
-        arrivals=lines,
+        arrivals=finished.lines,
     )
 
 
