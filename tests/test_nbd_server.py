@@ -38,7 +38,9 @@ class Client:
         assert magic == nbd.OPTION_REPLY_MAGIC
         return option, reply, self.read(length)
 
-    def request(self, kind: int, offset: int, length: int, data: bytes = b"", flags: int = 0) -> int:
+    def request(
+        self, kind: int, offset: int, length: int, data: bytes = b"", flags: int = 0
+    ) -> int:
         self.sock.sendall(
             struct.pack(">IHHQQI", nbd.REQUEST_MAGIC, flags, kind, 7, offset, length) + data
         )

@@ -85,7 +85,7 @@ def handshake(conn: Connection, size: int, log: IO[str]) -> None:
         magic, option, length = struct.unpack(">QII", conn.read(16))
         if magic != IHAVEOPT:
             raise Disconnected(f"bad option magic {magic:#x}")
-        data = conn.read(length)
+        conn.read(length)  # the export name and info requests: there is one export
         log.write(f"option {option}\n")
         if option == OPT_EXPORT_NAME:
             reply = struct.pack(">QH", size, TRANSMISSION_FLAGS)
