@@ -34,7 +34,8 @@ The guest runs the test by itself (``pktest.service``, after multi-user.target):
 With ``mode="hang"`` the root file system is the image's tree over virtio-9p (a writable
 overlay on the host: the cache stays pristine), ``/etc/petitkexec.toml`` lifts the share's
 protection (``unprotect``), so the hook's unbind of the share's device hangs in
-``p9_virtio_remove()``.
+``p9_virtio_remove()``; its ``unbind-timeout`` (60 s) is longer than the hook's time limit
+(``PETITKEXEC_TIME_LIMIT=10`` in /etc/default/petitkexec), which is what cuts the hang short.
 
 With ``mode="missing-driver"`` the first boot is the ``kexec`` one, but the second kernel's
 command line gets ``module_blacklist=e1000e`` (the first kernel's ``pkkeepout=e1000e`` asks
@@ -126,6 +127,10 @@ VIRTFS_TAG = "pkroot"
 KEPT_OUT_BDF = "0000:02:00.0"  # e1000e: its driver is kept out of the second kernel
 KEPT_OUT_MODULE = "e1000e"  # (mode missing-driver)
 MODES = ("kexec", "hang", "missing-driver")
+# Mode hang: the hook's --time-limit (/etc/default/petitkexec) below the unbind deadline
+# (/etc/petitkexec.toml), so the time limit is what ends the hung unbind.
+HANG_TIME_LIMIT = 10
+HANG_UNBIND_TIMEOUT = 60
 NINEP_ROOTFLAGS = "trans=virtio,version=9p2000.L,msize=262144,cache=loose"
 TOPOLOGY: tuple[str, ...] = (
     *(
@@ -193,9 +198,18 @@ second)
     devices FIRST-DEVICE
     if [ -n "$(arg pkunprotect)" ]; then
         printf 'unprotect = ["%s"]\n' "$(arg pkunprotect)" >/etc/petitkexec.toml
+        [ -n "$(arg pkunbindtimeout)" ] &&
+            printf 'unbind-timeout = %s\n' "$(arg pkunbindtimeout)" >>/etc/petitkexec.toml
         chown root:root /etc/petitkexec.toml
         chmod 0644 /etc/petitkexec.toml
-        echo "PKTEST-CONFIG $(stat -c '%U:%G %a' /etc/petitkexec.toml) $(cat /etc/petitkexec.toml)"
+        config=$(tr '\n' ' ' </etc/petitkexec.toml)
+        echo "PKTEST-CONFIG $(stat -c '%U:%G %a' /etc/petitkexec.toml) $config"
+    fi
+    # The hook's own time limit, as an administrator sets it (the last assignment wins).
+    if [ -n "$(arg pktimelimit)" ]; then
+        echo "PETITKEXEC_TIME_LIMIT=$(arg pktimelimit)" >>/etc/default/petitkexec
+        limit=$(grep '^PETITKEXEC_TIME_LIMIT=' /etc/default/petitkexec | tail -n 1)
+        echo "PKTEST-TIME-LIMIT $limit"
     fi
     echo "PKTEST-ROOT $(findmnt -n -o SOURCE,FSTYPE,OPTIONS /)"
     systemd-analyze verify /etc/systemd/system/petitkexec-snapshot.service \
@@ -207,7 +221,10 @@ second)
     echo "PKTEST-DEFAULTS $(grep '^PETITKEXEC=' /etc/default/petitkexec)"
     append=
     for word in $(cat /proc/cmdline); do
-        case $word in pktest=*|pkunprotect=*|pkkeepout=*) ;; *) append="$append $word";; esac
+        case $word in
+        pktest=*|pkunprotect=*|pkkeepout=*|pkunbindtimeout=*|pktimelimit=*) ;;
+        *) append="$append $word";;
+        esac
     done
     # The kernel refuses init_module() for a module named in module_blacklist= (-EPERM):
     # the second kernel comes up without that driver, as if it had not been built.
@@ -733,7 +750,13 @@ def _kernel_append(mode: str, marker: str, root: str) -> str:
     ]
     words.append(f"pktest={mode}")
     if mode == "hang":
-        words.append(f"pkunprotect={VIRTFS_BDF}")
+        # The share's remove() blocks; the hook's time limit, shorter than the unbind
+        # deadline, is what cuts it short.
+        words += [
+            f"pkunprotect={VIRTFS_BDF}",
+            f"pkunbindtimeout={HANG_UNBIND_TIMEOUT}",
+            f"pktimelimit={HANG_TIME_LIMIT}",
+        ]
     if mode == "missing-driver":
         words.append(f"pkkeepout={KEPT_OUT_MODULE}")
     return " ".join(words)
