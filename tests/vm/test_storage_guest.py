@@ -49,16 +49,31 @@ NIC = "0000:04:00.0"  # virtio-net on netdev n1, behind root port 00:05.0
 NIC_PORT = "0000:00:05.0"
 NIC_NETDEV = "-netdev user,id=n1,restrict=on"
 OTHER_NICS = ("0000:02:00.0", "0000:06:01.0", "0000:07:00.0")
+IDLE_NIC = "0000:02:00.0"  # e1000e, up on a network of its own: it carries nothing
 
-# Bring up the NIC at 04:00.0 alone (lo too), with QEMU's usual guest address: busybox `ip`.
+# Bring up the NIC at 04:00.0 (lo too) with QEMU's usual guest address, busybox `ip`.
 NIC_UP = f"""\
 iface=$(ls /sys/bus/pci/devices/{NIC}/virtio*/net/)
 ip link set lo up && ip link set "$iface" up && ip addr add {GUEST_ADDRESS} dev "$iface" || exit 8
 echo "NBD-IFACE $iface"
 """
-# Debian's nbd-client, as a system would run it: configured through netlink (its default), so
-# once it exits no process holds the connection: the kernel does (nbd's recv_work).
-NBD_CONNECT = f"nbd-client {NBD_ADDRESS} {NBD_PORT} /dev/nbd0 -N disk || exit 7\n"
+# And 02:00.0, up with an address on another network: an interface that is up is not, by
+# that alone, one the session needs.
+IDLE_NIC_UP = f"""\
+idle=$(ls /sys/bus/pci/devices/{IDLE_NIC}/net/)
+ip link set "$idle" up && ip addr add 10.0.3.15/24 dev "$idle" || exit 8
+echo "IDLE-IFACE $idle"
+"""
+# Debian's nbd-client, the two ways a system runs it: through netlink (its default: once it
+# exits no process holds the connection, the kernel does) or the ioctl interface (-nonetlink,
+# as busybox's nbd-client: a process stays in NBD_DO_IT holding the socket).
+NBD_CLIENT_MODES = {"netlink": "", "ioctl": " -nonetlink"}
+
+
+def nbd_connect(mode: str) -> str:
+    return (
+        f"nbd-client {NBD_ADDRESS} {NBD_PORT} /dev/nbd0 -N disk{NBD_CLIENT_MODES[mode]} || exit 7\n"
+    )
 
 
 def nbd_machine(disk: Path, log: Path) -> guest.Machine:
@@ -92,8 +107,9 @@ def step_reason(run: GuestRun, bdf: str, action: str) -> str:
     return match[1]
 
 
+@pytest.mark.parametrize("mode", NBD_CLIENT_MODES)
 def test_an_ext4_on_nbd_keeps_its_nic_and_its_data_reaches_the_next_kernel(
-    vm_images: Images, timed_boot: Callable[[Boot, Images], Boot], tmp_path: Path
+    mode: str, vm_images: Images, timed_boot: Callable[[Boot, Images], Boot], tmp_path: Path
 ) -> None:
     disk = make_ext4_image(tmp_path / "nbd.img", {"hello.txt": "from the host\n"})
     server_log = tmp_path / "nbd-server.log"
@@ -101,8 +117,11 @@ def test_an_ext4_on_nbd_keeps_its_nic_and_its_data_reaches_the_next_kernel(
     run = boot(
         scenario(
             NIC_UP
-            + NBD_CONNECT
-            + 'echo "NBD-SIZE $(cat /sys/block/nbd0/size) pid=$(cat /sys/block/nbd0/pid)"\n'
+            + IDLE_NIC_UP
+            + nbd_connect(mode)
+            + "pid=$(cat /sys/block/nbd0/pid)\n"
+            + 'alive=no; [ -d "/proc/$pid" ] && alive=yes\n'
+            + 'echo "NBD-SIZE $(cat /sys/block/nbd0/size) pid=$pid alive=$alive"\n'
             "mkdir -p /mnt/nbd && mount -t ext4 /dev/nbd0 /mnt/nbd || exit 6\n"
             # Written and not synced: the page cache holds it when petitkexec starts, and
             # kexec-tools' sync() must still reach the server through 04:00.0.
@@ -111,16 +130,21 @@ def test_an_ext4_on_nbd_keeps_its_nic_and_its_data_reaches_the_next_kernel(
         ),
         second_scenario=(
             NIC_UP
-            + NBD_CONNECT
+            + nbd_connect("netlink")
             + "mkdir -p /mnt/nbd && mount -t ext4 -o ro /dev/nbd0 /mnt/nbd || exit 6\n"
             "sed 's/^/NBD-FILE /' /mnt/nbd/fresh.txt\n"
             "umount /mnt/nbd && echo NBD-UNMOUNTED\n"
             "nbd-client -d /dev/nbd0 && echo NBD-DISCONNECTED\n"
         ),
     )
-    assert re.search(r"^NBD-SIZE 131072 pid=\d+$", run.log, re.M), run.tail(120)
+    # The kernel's nbd_start_device() records the pid of who connected it: in netlink mode
+    # nbd-client has exited since; in ioctl mode it waits in NBD_DO_IT.
+    alive = {"netlink": "no", "ioctl": "yes"}[mode]
+    assert re.search(rf"^NBD-SIZE 131072 pid=\d+ alive={alive}$", run.log, re.M), run.tail(120)
+    assert re.search(r"^IDLE-IFACE eth\d+$", run.log, re.M), run.tail(120)
     # The NIC that carries the session, and the port above it, are protected; the reason
-    # names the session (nbd0). No other NIC is: they carry nothing.
+    # names the session (nbd0). No other NIC is, not even the one that is up: it carries
+    # nothing.
     reason = step_reason(run, NIC, "protect")
     assert "nbd0" in reason, reason
     assert re.search(rf"{NIC_PORT} protect +held: above protected {NIC}", run.log), run.tail(120)
