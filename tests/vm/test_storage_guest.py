@@ -122,6 +122,9 @@ def test_an_ext4_on_nbd_keeps_its_nic_and_its_data_reaches_the_next_kernel(
             + "pid=$(cat /sys/block/nbd0/pid)\n"
             + 'alive=no; [ -d "/proc/$pid" ] && alive=yes\n'
             + 'echo "NBD-SIZE $(cat /sys/block/nbd0/size) pid=$pid alive=$alive"\n'
+            # The session's TCP socket as /proc/net/tcp lists it (remote 10.0.2.100:10809,
+            # ESTABLISHED), whoever holds it: the kernel does in netlink mode.
+            + "echo \"NBD-TCP $(grep -c ' 6402000A:2A39 01 ' /proc/net/tcp)\"\n"
             "mkdir -p /mnt/nbd && mount -t ext4 /dev/nbd0 /mnt/nbd || exit 6\n"
             # Written and not synced: the page cache holds it when petitkexec starts, and
             # kexec-tools' sync() must still reach the server through 04:00.0.
@@ -142,6 +145,7 @@ def test_an_ext4_on_nbd_keeps_its_nic_and_its_data_reaches_the_next_kernel(
     alive = {"netlink": "no", "ioctl": "yes"}[mode]
     assert re.search(rf"^NBD-SIZE 131072 pid=\d+ alive={alive}$", run.log, re.M), run.tail(120)
     assert re.search(r"^IDLE-IFACE eth\d+$", run.log, re.M), run.tail(120)
+    assert "NBD-TCP 1" in run.log, run.tail(120)
     # The NIC that carries the session, and the port above it, are protected; the reason
     # names the session (nbd0). No other NIC is, not even the one that is up: it carries
     # nothing.
