@@ -36,6 +36,7 @@ from tests.vm.test_scenarios import (
     NVME_PORT,
     assert_quiet_before_kexec,
     assert_second_kernel_reprobed,
+    guest_uptime,
     scenario,
     state,
 )
@@ -233,7 +234,7 @@ def test_a_disk_mounted_only_in_a_private_mount_namespace_is_protected_and_keeps
 
 
 def test_a_hang_cut_short_by_the_time_limit_blocks_the_handoff_and_rolls_back(
-    boot: Boot, tmp_path: Path
+    boot: Boot, tmp_path: Path, record_timing: Callable[[str, str], None]
 ) -> None:
     """--time-limit below --unbind-timeout: the time limit is what ends the 9p share's hung
     remove(); the device lock it holds would hang the kexec's device_shutdown() too."""
@@ -241,16 +242,20 @@ def test_a_hang_cut_short_by_the_time_limit_blocks_the_handoff_and_rolls_back(
         scenario(
             "mount -t 9p -o trans=virtio,version=9p2000.L host0 /mnt\n"
             "readback before\n"
-            f"{EXEC} --unprotect {VIRTFS_BDF} --unbind-timeout 60 --time-limit 8\n"
-            "echo PK-EXIT $?\n"
+            f"{EXEC} --unprotect {VIRTFS_BDF} --unbind-timeout 20 --time-limit 8\n"
+            'echo "PK-EXIT $? uptime=$(cut -d " " -f 1 /proc/uptime)"\n'
             "readback after\n"
         ),
         virtfs_dir=tmp_path,
         poweroff_grace=5,  # power-off hangs on the device lock too: QEMU is killed
         timeout=180,
     )
-    assert "PK-EXIT 5" in run.log, run.tail(120)
+    assert "PK-EXIT 5 " in run.log, run.tail(120)
     assert "KEXEC-START" not in run.log and not run.second_up, run.tail(120)
+    record_timing(
+        "time limit 8 s, unbind deadline 20 s: petitkexec start -> exit (guest clock)",
+        f"{guest_uptime(run, 'PK-EXIT 5') - guest_uptime(run, 'PK-START'):.1f}s",
+    )
     reason = step_reason(run, VIRTFS_BDF, "unbind")
     assert "time limit" in reason, reason
     assert re.search(r"^stopped: .*time limit", run.log, re.M), run.tail(120)
