@@ -83,8 +83,12 @@ def _apply(kernel: Kernel, undo: Undo, timeout_s: float) -> None:
         raise KernelWriteFailed(str(kernel.device_dir(undo.bdf)), errno.ENODEV, "device is gone")
     if undo.kind is UndoKind.REBIND:
         assert undo.driver is not None
-        driver = undo.driver
-        kernel.set_driver_override(undo.bdf, undo.driver_override)
+        driver, override = undo.driver, undo.driver_override
+        _wait(
+            kernel,
+            "driver_override",
+            lambda: kernel.start_set_driver_override(undo.bdf, override, timeout_s),
+        )
         if kernel.driver(undo.bdf) is None:
             _wait(kernel, f"bind {driver}", lambda: kernel.start_bind(undo.bdf, driver, timeout_s))
     elif undo.kind is UndoKind.RESTORE_COMMAND:

@@ -151,6 +151,12 @@ class Kernel:
         remove() holds."""
         return self._start_write(self._driver_dir(driver) / "bind", str(bdf), timeout_s)
 
+    def start_set_driver_override(self, bdf: Bdf, value: str | None, timeout_s: float) -> Child:
+        """driver_set_override() takes the device lock, which a hung remove(), probe() or bus
+        reset of ours may still hold."""
+        path = self.device_dir(bdf) / "driver_override"
+        return self._start_write(path, value or "\n", timeout_s)
+
     def start_set_sriov_numvfs(self, bdf: Bdf, numvfs: int, timeout_s: float) -> Child:
         """sriov_numvfs_store() creates the VFs and probes their drivers before it returns."""
         return self._start_write(self.device_dir(bdf) / "sriov_numvfs", str(numvfs), timeout_s)
