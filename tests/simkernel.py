@@ -359,7 +359,7 @@ class SimKernel:
 
     # -- what happens without a write: probes that come late ---------------------------------
 
-    def late_probe(self, bdf: str) -> str | None:
+    def late_probe(self, bdf: str, driver: str | None = None) -> str | None:
         """A probe the test process did not ask for (udev after an unbind, a deferred or
         asynchronous probe, a module load): binds the function's driver, or the one its
         driver_override names, unless the override is `none` (pci_match_device()).
@@ -367,8 +367,10 @@ class SimKernel:
         if not self.exists(bdf) or self.driver_of(bdf) is not None:
             return None
         function, override = self.by_bdf[bdf], self.attribute(bdf, "driver_override")
-        driver = function.driver if override == "(null)" else override
-        if driver is None or driver == "none" or function.probe_hangs or self._defers(bdf):
+        if override != "(null)":
+            driver = override if driver in (None, override) else None
+        driver = driver or function.driver
+        if driver in (None, "none") or function.probe_hangs or self._defers(bdf):
             return None
         with self._device_lock(bdf):
             self._probe(bdf, driver)
@@ -379,10 +381,10 @@ class SimKernel:
         """driver_deferred_probe_trigger(): the probes that deferred run again, and succeed."""
         bound = []
         for marker in sorted(self.state.glob("deferred-*")):
-            bdf = marker.name.removeprefix("deferred-")
+            bdf, driver = marker.name.removeprefix("deferred-"), marker.read_text()
             marker.unlink()
             self._set_fault("probe-resolved", bdf)  # what it waited for has arrived
-            if self.late_probe(bdf) is not None:
+            if self.late_probe(bdf, driver) is not None:
                 bound.append(bdf)
         return bound
 
@@ -485,7 +487,7 @@ class SimKernel:
             if function.probe_hangs:
                 simlocks.block(self.state, bdf, HUNG_S)
             if self._defers(bdf):
-                self._set_fault("deferred", bdf)  # driver_deferred_probe_add()
+                (self.state / f"deferred-{bdf}").write_text(driver)  # driver_deferred_probe_add()
                 raise OSError(EPROBE_DEFER, "Unknown error 517")
             self._probe(bdf, driver)
 
