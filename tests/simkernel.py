@@ -171,6 +171,7 @@ class SimKernel:
             (directory / "reset").write_text("")
         if function.reset_subordinate:
             (directory / "reset_subordinate").write_text("")
+        (directory / "remove").write_text("")
         self._link(directory / "subsystem", self.root / "bus" / "pci")
         (self.root / "bus" / "pci" / "drivers").mkdir(parents=True, exist_ok=True)
         if function.physfn is not None:
@@ -595,6 +596,20 @@ class SimKernel:
         with self._device_lock(bdf):
             self._log_event(bdf, "reset:" + method)
             self._reset_restoring([bdf])
+
+    def _write_remove(self, bdf: str, text: str, _data: bytes, _offset: int | None) -> None:
+        # remove_store() → pci_stop_and_remove_bus_device_locked(): everything below first,
+        # each driver's remove() under its device's lock.
+        if not int(text):
+            return
+        for gone in [*reversed(self.below(bdf)), bdf]:
+            if not self.exists(gone):
+                continue
+            with self._device_lock(gone):
+                driver = self.driver_of(gone)
+                if driver is not None:
+                    self._remove(gone, driver)
+                self.vanish(gone)
 
     def _write_reset_subordinate(
         self, bdf: str, _text: str, _data: bytes, _offset: int | None

@@ -128,6 +128,24 @@ def test_a_hung_remove_outlives_sigkill_holds_the_device_lock_and_unbinds_when_i
     assert "probed" not in " ".join(sim.events())
 
 
+def test_remove_waits_for_the_device_lock_and_takes_everything_below(
+    make_sim: SimFactory,
+) -> None:
+    # remove_store() → pci_stop_and_remove_bus_device_locked(): the subtree goes, each driver's
+    # remove() under its device's lock, so it waits for a remove() already running.
+    sim = make_sim(behind_a_port(remove_seconds=1.5))
+    kernel = sim.kernel
+    kernel.set_driver_override(Bdf.parse(NIC), "none")
+    kernel.start_unbind(Bdf.parse(NIC), "e1000e", 60)
+    assert wait_until(lambda: sim.is_locked(NIC))
+    began = time.monotonic()
+    sim.write(sim.device_dir(PORT) / "remove", b"1")
+    nic_removed = sim.remove_spans()[NIC][1]
+    assert began < nic_removed < time.monotonic()  # waited for the unbind's remove()
+    assert not sim.exists(NIC) and not sim.exists(PORT)
+    assert f"{PORT} removed" in " ".join(sim.events())  # pcieport's remove() ran too
+
+
 def test_a_remove_stuck_past_sigkill_does_not_hold_up_the_teardown(
     make_sim: SimFactory,
 ) -> None:
