@@ -265,24 +265,34 @@ def test_a_raw_sbr_is_held_then_given_time_to_settle_before_config_is_read(
     assert sim.command_of(NIC) == 0x0000  # a raw reset: nothing restored
 
 
+KERNEL_BUS_RESETS = {
+    "reset_subordinate": [root_port(PORT, reset_subordinate=True), SimFunction(NIC, parent=PORT)],
+    "reset_method bus": [root_port(PORT), SimFunction(NIC, parent=PORT, reset_methods=("bus",))],
+}
+
+
+@pytest.mark.parametrize("how", KERNEL_BUS_RESETS)
 def test_a_kernel_bus_reset_restores_bus_master_as_saved_so_it_is_cleared_before(
-    make_sim: SimFactory, tmp_path: Path
+    make_sim: SimFactory, tmp_path: Path, how: str
 ) -> None:
-    # __pci_reset_bus(): pci_bus_save_and_disable_locked(), the reset, pci_bus_restore_locked()
-    # — bus master on before the reset is on after it.
-    sim = make_sim([root_port(PORT, reset_subordinate=True), SimFunction(NIC, parent=PORT)])
+    # __pci_reset_bus() and pci_reset_function() → pci_parent_bus_reset(): config saved and
+    # disabled, the reset, config restored — bus master on before the reset is on after it.
+    sim = make_sim(KERNEL_BUS_RESETS[how])
     resetter = BusResetter(sim.kernel, sim.topology(), 1.0, raw_sbr_allowed=False)
     pending = resetter.begin(step(PORT, Action.RESET_BUS))
     late = pending.finish(wait_first([pending.child])[1])  # type: ignore[union-attr]
     assert late.status is Status.FAILED and late.detail.endswith(f"bus master on again: {NIC}")
 
-    functions = [root_port(PORT, reset_subordinate=True), SimFunction(NIC, parent=PORT)]
-    sim = SimKernel(tmp_path / "teardown" / "sys", functions)
+    sim = SimKernel(tmp_path / "teardown" / "sys", KERNEL_BUS_RESETS[how])
     _, report = run(sim, Policy(hot_reset=True))
     assert outcome_of(report, PORT, Action.RESET_BUS).status is Status.DONE
     order = [w["path"] for w in sim.writes() if w["path"] != "sleep"]
     cleared = order.index(f"bus/pci/devices/{NIC}/config")
-    assert cleared < order.index(f"bus/pci/devices/{PORT}/reset_subordinate")
+    reset_file = {
+        "reset_subordinate": f"{PORT}/reset_subordinate",
+        "reset_method bus": f"{NIC}/reset",
+    }
+    assert cleared < order.index(f"bus/pci/devices/{reset_file[how]}")
     assert not sim.bus_master_on(NIC)
 
 
