@@ -368,15 +368,16 @@ class SimKernel:
         if not self.exists(bdf) or self.driver_of(bdf) is not None:
             return None
         function, override = self.by_bdf[bdf], self.attribute(bdf, "driver_override")
-        if override != "(null)":
-            driver = override if driver in (None, override) else None
-        driver = driver or function.driver
-        if driver in (None, "none") or function.probe_hangs or self._defers(bdf):
+        wanted = driver or function.driver
+        if override != "(null)":  # the override decides which driver may bind, if any
+            wanted = override if driver in (None, override) else None
+        if wanted in (None, "none") or function.probe_hangs or self._defers(bdf):
             return None
+        assert wanted is not None
         with self._device_lock(bdf):
-            self._probe(bdf, driver)
-        self._log_event(bdf, f"probed {driver}")
-        return driver
+            self._probe(bdf, wanted)
+        self._log_event(bdf, f"probed {wanted}")
+        return wanted
 
     def fire_deferred_probes(self) -> list[str]:
         """driver_deferred_probe_trigger(): the probes that deferred run again, and succeed."""

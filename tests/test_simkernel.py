@@ -323,6 +323,8 @@ def test_udev_binds_a_driver_again_after_an_unbind_unless_the_override_is_none(
     sim.write(unbind, NIC.encode())
     assert sim.driver_of(NIC) is None
     assert sim.late_probe(NIC) is None and sim.driver_of(NIC) is None
+    sim.write(sim.device_dir(NIC) / "driver_override", b"vfio-pci")  # driverctl's way
+    assert sim.late_probe(NIC) == "vfio-pci" == sim.driver_of(NIC)
 
 
 def test_driver_override_none_is_written_before_the_unbind(make_sim: SimFactory) -> None:
