@@ -438,6 +438,18 @@ class SimKernel:
         with simlocks.device_lock(self.state, bdf, self.main_pid):
             yield
 
+    @contextmanager
+    def _cfg_access(self, bdf: str) -> Iterator[None]:
+        """pci_cfg_access_lock(): a reset blocks userspace config access to the function."""
+        with simlocks.device_lock(self.state, f"cfg-{bdf}", self.main_pid):
+            yield
+
+    @contextmanager
+    def _pci_dev_lock(self, bdf: str) -> Iterator[None]:
+        """pci_dev_lock(): config access, then the device lock."""
+        with self._cfg_access(bdf), self._device_lock(bdf):
+            yield
+
     def _unbind(self, bdf: str, driver: str) -> None:
         # unbind_store(): the driver is compared before device_release_driver_internal()
         # takes the lock; a second unbind waits for the first and then finds nothing to do.
@@ -509,10 +521,11 @@ class SimKernel:
             raise OSError(errno.EPERM, "Operation not permitted")  # security_locked_down()
         if self._has_fault("dead", bdf) or self._has_fault("drops-writes", bdf):
             return  # pci_user_write_config_*() returns the count whatever the accessor did
-        config = bytearray((self.device_dir(bdf) / "config").read_bytes())
-        start = offset or 0
-        config[start : start + len(data)] = data
-        (self.device_dir(bdf) / "config").write_bytes(bytes(config))
+        with self._cfg_access(bdf):  # pci_wait_cfg() while a reset holds the function
+            config = bytearray((self.device_dir(bdf) / "config").read_bytes())
+            start = offset or 0
+            config[start : start + len(data)] = data
+            (self.device_dir(bdf) / "config").write_bytes(bytes(config))
         if start <= PCI_COMMAND < start + len(data) and self._has_fault(
             "master-back-after-write", bdf
         ):
@@ -594,7 +607,7 @@ class SimKernel:
         # method, restore config; `bus` resets the parent's secondary bus
         # (pci_parent_bus_reset()).
         method = self.attribute(bdf, "reset_method").split()[0]
-        with self._device_lock(bdf):
+        with self._pci_dev_lock(bdf):
             self._log_event(bdf, "reset:" + method)
             self._reset_restoring([bdf])
 
@@ -615,10 +628,12 @@ class SimKernel:
     def _write_reset_subordinate(
         self, bdf: str, _text: str, _data: bytes, _offset: int | None
     ) -> None:
-        # __pci_reset_bus(): every device below locked at once or EAGAIN, their config saved,
-        # the bus reset, the config restored as saved.
+        # __pci_reset_bus(): every device below locked at once (pci_bus_trylock(): config
+        # access and device lock) or EAGAIN, their config saved, the bus reset, the config
+        # restored as saved.
         below = self.below(bdf)
-        with simlocks.try_device_locks(self.state, below) as locked:
+        locks = [name for below_bdf in below for name in (f"cfg-{below_bdf}", below_bdf)]
+        with simlocks.try_device_locks(self.state, locks) as locked:
             if not locked:
                 raise OSError(errno.EAGAIN, "Resource temporarily unavailable")
             began = time.monotonic()

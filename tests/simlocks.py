@@ -61,7 +61,8 @@ def uninterruptible(state: Path) -> Iterator[None]:
 
 @contextmanager
 def device_lock(state: Path, bdf: str, main_pid: int) -> Iterator[None]:
-    """device_lock(): waits as long as the holder holds it."""
+    """device_lock() (or, for `cfg-<bdf>`, pci_cfg_access_lock()): waits as long as the
+    holder holds it."""
     with (state / f"lock-{bdf}").open("a") as handle:
         if os.getpid() != main_pid:
             fcntl.flock(handle, fcntl.LOCK_EX)

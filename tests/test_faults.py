@@ -254,9 +254,11 @@ def test_10_a_reset_that_never_returns_blocks_the_handoff_like_a_hung_unbind(
     assert result.exit_code == ExitCode.HUNG
     assert "reset_subordinate: no answer within 0.5 s" in result.stderr
     assert not (tmp_path / "kexec-args").exists()
-    # The stuck reset still holds the device lock of everything below (pci_bus_trylock()):
-    # the rollback's driver_override write (driver_set_override()) waits on it in a child
-    # with a deadline, never in petitkexec itself; the bridge above comes back.
+    # The stuck reset still holds config access and the device lock of everything below
+    # (pci_bus_trylock()): the rollback's config write (pci_wait_cfg()) and driver_override
+    # write (driver_set_override()) wait on them in children with a deadline, never in
+    # petitkexec itself; the bridge above comes back.
+    assert "rollback: restore COMMAND 0x0006 on 0000:01:00.0: COMMAND: ETIMEDOUT" in result.stderr
     assert "rollback: rebind 0000:01:00.0 to e1000e: driver_override: ETIMEDOUT" in result.stderr
     assert "rollback: rebind 0000:00:02.0 to pcieport: ok" in result.stderr
 

@@ -307,6 +307,28 @@ def test_a_bus_reset_cannot_lock_a_device_a_hung_remove_holds(make_sim: SimFacto
     assert result.finished and result.errno == errno.EAGAIN
 
 
+def test_a_rollback_after_a_stuck_bus_reset_never_waits_on_the_locks_it_holds(
+    make_sim: SimFactory,
+) -> None:
+    # __pci_reset_bus() holds config access and the device lock of everything below until it
+    # returns: `enable` (enable_store() → device_lock()) waits, so the rollback's re-enable of a
+    # function cleared through `enable` (lockdown) runs in a child with a deadline.
+    sim = make_sim(
+        [
+            root_port(PORT, reset_subordinate=True, reset_seconds=3600),
+            SimFunction(NIC, parent=PORT),
+        ],
+        lockdown="integrity",
+    )
+    began = time.monotonic()
+    _, report = run(sim, Policy(hot_reset=True), reset_timeout_s=0.5, unbind_timeout_s=1)
+    assert time.monotonic() - began < 10
+    assert outcome_of(report, PORT, Action.RESET_BUS).status is Status.HUNG
+    undone = {(str(r.undo.bdf), r.undo.kind.value): r for r in report.rollback}
+    assert "ETIMEDOUT" in undone[(NIC, "re-enable")].detail
+    assert undone[(PORT, "rebind")].ok  # the bridge itself is not below its own reset
+
+
 # -- 6. drivers bind on their own ----------------------------------------------------------------
 
 
