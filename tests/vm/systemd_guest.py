@@ -74,8 +74,11 @@ PACKAGES = (
     "systemd-sysv",
     "udev",
     "python3",
-    "python3-pip",
-    "ca-certificates",  # pip's downloads from PyPI, inside the root
+    # petitkexec's dependencies, Debian's own: `apt install ./petitkexec_*.deb` then needs
+    # nothing from the network (mmdebstrap leaves no package lists in the root).
+    "python3-click",
+    "python3-pyudev",
+    "python3-structlog",
     "kexec-tools",
     "linux-image-amd64",
     "initramfs-tools",
