@@ -474,6 +474,28 @@ def _build_image(base: Path, image: Path, deb: Path) -> dict[str, object]:
             shutil.rmtree(work, ignore_errors=True)
 
 
+def _ensure_base(root: Path, force: bool) -> tuple[Path, float | None]:
+    """The cached base tarball, built if missing (or `force`), and the seconds that took
+    (None: cached). Called with the cache's lock held."""
+    base = root / f"base-{_base_key()}.tar"
+    if force or not base.exists():
+        for old in [*root.glob("base-*.tar"), *root.glob("base-*.json")]:
+            old.unlink()
+        return base, round(_build_base(base), 1)
+    return base, None
+
+
+def base_tarball() -> Path:
+    """mmdebstrap's Debian 12 root, as the guest starts from it: for a test that needs a fresh
+    Debian 12 root without booting it (tests/vm/test_debian_package.py). Extract it before
+    the next build() may replace it (a change of PACKAGES)."""
+    root = cache()
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _ensure_base(root, force=False)[0]
+
+
 def build(*, force: bool = False) -> SystemdImages:
     """The cached base and image, built if missing (or `force`)."""
     root = cache()
@@ -481,13 +503,8 @@ def build(*, force: bool = False) -> SystemdImages:
     with open(root / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         started = time.monotonic()
+        base, base_seconds = _ensure_base(root, force)
         base_key = _base_key()
-        base = root / f"base-{base_key}.tar"
-        base_seconds = None
-        if force or not base.exists():
-            for old in [*root.glob("base-*.tar"), *root.glob("base-*.json")]:
-                old.unlink()
-            base_seconds = round(_build_base(base), 1)
         deb = debian_package.build_deb()
         image = root / f"image-{_image_key(base_key, deb)}"
         built = False
