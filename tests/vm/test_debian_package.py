@@ -18,7 +18,7 @@ import os
 import re
 import shutil
 import subprocess
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -27,7 +27,7 @@ from petitkexec.cli import cli
 from petitkexec.install import files_to_install
 from tests.vm import debian_package, systemd_guest
 from tests.vm.conftest import in_ci
-from tests.vm.images.lanes import REPO_ROOT
+from tests.vm.images.lanes import REPO_ROOT, cache_dir
 
 pytestmark = pytest.mark.vm
 
@@ -163,17 +163,20 @@ def _in_root(root: Path, script: str, timeout: float) -> subprocess.CompletedPro
 
 
 @pytest.fixture(scope="module")
-def bookworm_root(
-    deb: Path, tmp_path_factory: pytest.TempPathFactory, record_timing: Callable[[str, str], None]
-) -> Path:
+def bookworm_root(deb: Path) -> Iterator[Path]:
+    """A fresh Debian 12 root with a copy of this checkout, under .cache/vm/debian-lines/ (not
+    pytest's temporary directory, which other pytest runs on this machine may prune), removed
+    afterwards; the log of the README's lines stays next to it."""
     missing = [t for t in ("mmdebstrap", "unshare", "chroot", "git") if shutil.which(t) is None]
     if missing:
         _skip_or_fail(f"the Debian 12 root needs {', '.join(missing)}: see .ci/apt-packages")
     if os.geteuid() != 0:
         _skip_or_fail("the Debian 12 root is made and entered as root (tar -p, chroot)")
     base = systemd_guest.base_tarball()
-    root = tmp_path_factory.mktemp("bookworm") / "root"
-    root.mkdir()
+    work = cache_dir() / "debian-lines"
+    shutil.rmtree(work, ignore_errors=True)
+    root = work / "root"
+    root.mkdir(parents=True)
     subprocess.run(
         ["tar", "-C", str(root), "--numeric-owner", "--xattrs", "-xpf", str(base)], check=True
     )
@@ -201,7 +204,8 @@ def bookworm_root(
     )
     done = _in_root(root, setup, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    return root
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
@@ -216,8 +220,9 @@ def readme_run(
         f"exec su -l {USER} -c 'sh /home/{USER}/readme-lines.sh'",
         timeout=LINES_TIMEOUT,
     )
-    (bookworm_root.parent / "readme-lines.log").write_text(done.stdout + done.stderr)
-    record_timing("README's Debian lines (bookworm root)", f"log {bookworm_root.parent}")
+    log = bookworm_root.parent / "readme-lines.log"
+    log.write_text(done.stdout + done.stderr)
+    record_timing("README's Debian lines (bookworm root)", f"log {log}")
     return done
 
 
@@ -255,8 +260,10 @@ def test_remove_takes_the_hook_away_and_purge_the_conffile(
     done = _in_root(root, "apt-get remove -y -q petitkexec", timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     assert _status(root) == "deinstall ok config-files"
-    # systemd-shutdown runs what is in its directory: nothing of petitkexec's any more.
-    hooks = sorted(p.name for p in (root / HOOK).parent.iterdir())
+    # systemd-shutdown runs what is in its directory: nothing of petitkexec's any more (dpkg
+    # removes the directory too when the hook was all it held).
+    hook_dir = (root / HOOK).parent
+    hooks = sorted(p.name for p in hook_dir.iterdir()) if hook_dir.exists() else []
     assert not any("petitkexec" in name for name in hooks), hooks
     assert not (root / "usr/bin/petitkexec").exists()
     assert (root / DEFAULTS).is_file()  # the admin's, until purged
