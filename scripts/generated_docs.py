@@ -78,6 +78,7 @@ def _page(
     usage = " ".join(command.collect_usage_pieces(context))
     lines = [
         f'.TH {_roff(title)} 1 "" "{PROGRAM} {__version__}" "User Commands"',
+        ".nh",  # no hyphenation: option and command names stay whole
         ".SH NAME",
         f"{_roff(name)} \\- {_roff(short)}",
         ".SH SYNOPSIS",
