@@ -18,6 +18,7 @@ import os
 import re
 import shutil
 import subprocess
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -143,11 +144,13 @@ def _checkout_files() -> list[str]:
 
 
 def _in_root(root: Path, script: str, timeout: float) -> subprocess.CompletedProcess[str]:
-    """Run `script` (sh) chrooted into `root` as root, with /proc and a read-only /sys (the
-    host's: `petitkexec plan` only reads it) mounted in a private mount namespace that ends
-    with it: nothing stays mounted on the host."""
+    """Run `script` (sh) chrooted into `root` as root, with /proc, /dev/pts and a read-only
+    /sys (the host's: `petitkexec plan` only reads it) mounted in a private mount namespace
+    that ends with it: nothing stays mounted on the host."""
     setup = (
         'set -e; mount -t proc proc "$1/proc"; mount -t sysfs -o ro sysfs "$1/sys"; '
+        # apt and sudo want a pty for their logs: a devpts instance of its own
+        'mount -t devpts -o newinstance,ptmxmode=0666 devpts "$1/dev/pts"; '
         'exec chroot "$1" /bin/sh -c "$2"'
     )
     env = {"PATH": systemd_guest.GUEST_PATH, "HOME": "/root", "LANG": "C.UTF-8"}
@@ -215,6 +218,7 @@ def readme_run(
     lines = readme_debian_lines()
     script = f"set -ex\ncd {CHECKOUT}\n" + "\n".join(lines) + "\n"
     (bookworm_root / "home" / USER / "readme-lines.sh").write_text(script)
+    started = time.monotonic()
     done = _in_root(
         bookworm_root,
         f"exec su -l {USER} -c 'sh /home/{USER}/readme-lines.sh'",
@@ -222,7 +226,10 @@ def readme_run(
     )
     log = bookworm_root.parent / "readme-lines.log"
     log.write_text(done.stdout + done.stderr)
-    record_timing("README's Debian lines (bookworm root)", f"log {log}")
+    record_timing(
+        "README's Debian lines (bookworm root: build dependencies, build, install, 2 plans)",
+        f"{time.monotonic() - started:.1f}s (log {log})",
+    )
     return done
 
 
