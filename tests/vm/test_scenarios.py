@@ -114,8 +114,8 @@ RESET_BRIDGES = {
 # What the kernel logs (pci_info) when, after the secondary bus reset, the link below a
 # port does not report Data Link Layer Link Active within its wait
 # (pci_bridge_wait_for_secondary_bus(), drivers/pci/pci.c): then reset_subordinate answers
-# ENOTTY. A bus whose functions declare no D3cold delay (no PM capability: QEMU's xHCI and
-# AHCI) is not waited for, and the kernel says nothing about its reset.
+# ENOTTY. On this guest the ports above QEMU's xHCI and AHCI reset without that wait, and the
+# kernel logs nothing about them (seen, not traced to its cause).
 KERNEL_NO_LINK = r"^\[\s*\d+\.\d+\] pci {bridge}: Data Link Layer Link Active not set in 1000 msec$"
 
 

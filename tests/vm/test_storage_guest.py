@@ -58,12 +58,14 @@ iface=$(ls /sys/bus/pci/devices/{NIC}/virtio*/net/)
 ip link set lo up && ip link set "$iface" up && ip addr add {GUEST_ADDRESS} dev "$iface" || exit 8
 echo "NBD-IFACE $iface"
 """
-# And 02:00.0, up with an address on another network: an interface that is up is not, by
-# that alone, one the session needs.
+# And 02:00.0, up with an address on another network, its link up (e1000e reports carrier
+# a moment later): an interface that is up is not, by that alone, one the session needs.
 IDLE_NIC_UP = f"""\
 idle=$(ls /sys/bus/pci/devices/{IDLE_NIC}/net/)
 ip link set "$idle" up && ip addr add 10.0.3.15/24 dev "$idle" || exit 8
-echo "IDLE-IFACE $idle"
+n=0; while [ "$(cat /sys/class/net/$idle/operstate)" != up ] && [ $n -lt 100 ]; do
+    sleep 0.1; n=$((n + 1)); done
+echo "IDLE-IFACE $idle operstate=$(cat /sys/class/net/$idle/operstate)"
 """
 # Debian's nbd-client, the two ways a system runs it: through netlink (its default: once it
 # exits no process holds the connection, the kernel does) or the ioctl interface (-nonetlink,
@@ -145,7 +147,7 @@ def test_an_ext4_on_nbd_keeps_its_nic_and_its_data_reaches_the_next_kernel(
     # nbd-client has exited since; in ioctl mode it waits in NBD_DO_IT.
     alive = {"netlink": "no", "ioctl": "yes"}[mode]
     assert re.search(rf"^NBD-SIZE 131072 pid=\d+ alive={alive}$", run.log, re.M), run.tail(120)
-    assert re.search(r"^IDLE-IFACE eth\d+$", run.log, re.M), run.tail(120)
+    assert re.search(r"^IDLE-IFACE eth\d+ operstate=up$", run.log, re.M), run.tail(120)
     assert "NBD-TCP 1" in run.log, run.tail(120)
     # The NIC that carries the session, and the port above it, are protected; the reason
     # names the session (nbd0). No other NIC is, not even the one that is up: it carries
