@@ -15,7 +15,7 @@ import ipaddress
 import os
 import re
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -266,13 +266,13 @@ class NetworkView:
         reason = f"carries {name} → {remote}"
         if interface:
             return [(bdf, reason) for bdf in self.functions_of_interface(interface)]
-        return self._to_endpoints(name, [(Endpoint(remote.address), remote)])
+        return self._to_endpoints(name, [(None, remote)])
 
     def _iscsi(self, leaf: Path, session: Path) -> list[tuple[Bdf, str]]:
         """A software iSCSI (iscsi_tcp) disk: its session's connections,
         connectionS:C/iscsi_connection/connectionS:C/{address,port} (the current one) or
         persistent_address and persistent_port (the one configured)."""
-        endpoints = []
+        endpoints: list[tuple[Endpoint | None, Endpoint]] = []
         for connection in _listdir(session):
             if not connection.startswith("connection"):
                 continue
@@ -285,18 +285,19 @@ class NetworkView:
                 except OSError:
                     continue
                 if endpoint is not None:
-                    endpoints.append((Endpoint(endpoint.address), endpoint))
+                    endpoints.append((None, endpoint))
                     break
         if not endpoints:
             return self._every_nic(f"may carry {leaf.name} (iSCSI {session.name})")
         return self._to_endpoints(f"{leaf.name} ({session.name})", endpoints)
 
     def _to_endpoints(
-        self, name: str, sessions: list[tuple[Endpoint, Endpoint]]
+        self, name: str, sessions: Sequence[tuple[Endpoint | None, Endpoint]]
     ) -> list[tuple[Bdf, str]]:
+        """(local, remote) of each connection → the NICs on the route to the remote end."""
         carriers = []
         for local, remote in sessions:
-            if remote.local or remote.address == local.address:
+            if remote.local or (local is not None and remote.address == local.address):
                 continue  # a server on this machine: no NIC on the way
             interface = self.interface_towards(remote.address)
             reason = f"carries {name} → {remote}"
@@ -329,10 +330,7 @@ class NetworkView:
             if name in seen or "/" in name or name in ("", ".", ".."):
                 continue
             seen.add(name)
-            try:
-                bdf = Bdf.innermost_in(resolve_link(net / name / "device"))
-            except OSError:
-                bdf = None
+            bdf = _function_of_interface(net / name)
             if bdf is not None:
                 found.add(bdf)
                 continue
@@ -354,11 +352,18 @@ def active_network_functions(sysfs_root: Path) -> Iterator[tuple[Bdf, str]]:
         try:
             if (net / interface / "operstate").read_text().strip() not in ("up", "unknown"):
                 continue
-            bdf = Bdf.innermost_in(resolve_link(net / interface / "device"))
         except OSError:
             continue
-        if bdf is not None:
+        if bdf := _function_of_interface(net / interface):
             yield bdf, interface
+
+
+def _function_of_interface(link: Path) -> Bdf | None:
+    """/sys/class/net/IF is a link itself: resolve it before its `device` link."""
+    try:
+        return Bdf.innermost_in(resolve_link(Path(resolve_link(link)) / "device"))
+    except OSError:
+        return None
 
 
 def _nvme_fabrics_controller(leaf: Path) -> Path | None:

@@ -142,7 +142,7 @@ class Storage:
     @staticmethod
     def _source_device(mount: Mount, root: str) -> list[Device]:
         """btrfs and friends report an anonymous st_dev: fall back to the source node."""
-        if not mount.source.startswith("/dev/"):
+        if not mount.source.startswith("/"):
             return []
         for candidate in (root + mount.source, mount.source) if root else (mount.source,):
             try:
