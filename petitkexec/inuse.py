@@ -140,28 +140,29 @@ def scan_processes(proc_root: Path, wanted: set[str]) -> ProcessScan:
     for name in _listdir(root):
         if name.isdigit():
             pid = int(name)
-            held.extend((target, pid, fd) for target, fd in _held_open(f"{root}/{name}/fd", wanted))
-            try:
-                namespaces.setdefault(os.readlink(f"{root}/{name}/ns/mnt"), pid)
-            except OSError:
-                continue  # exited meanwhile, or a kernel thread (no mount namespace link)
+            files, namespace = _held_open(f"{root}/{name}/fd", wanted)
+            held.extend((target, pid, fd) for target, fd in files)
+            if namespace is not None:
+                namespaces.setdefault(namespace, pid)
     return ProcessScan(held, namespaces)
 
 
-def _held_open(fd_directory: str, wanted: set[str]) -> list[tuple[str, int]]:
-    """(path, fd) of one process's open files whose path is in `wanted`. readlinkat()
-    relative to the open fd directory: the kernel looks up one name per file instead of
-    walking /proc/PID/fd/ again, the PID and its access check at every step."""
+def _held_open(fd_directory: str, wanted: set[str]) -> tuple[list[tuple[str, int]], str | None]:
+    """(path, fd) of one process's open files whose path is in `wanted`, and its mount
+    namespace. readlinkat() relative to the open fd directory: the kernel looks up one name
+    per file instead of walking /proc/PID/fd/ again, the PID and its access check at every
+    step (`../ns/mnt` too: procfs's fd directory has the PID's directory as parent)."""
     try:
         directory = os.open(fd_directory, os.O_RDONLY | os.O_DIRECTORY)
     except OSError:
-        return []  # the process exited meanwhile, or its files are not ours to read
+        return [], None  # the process exited meanwhile, or its files are not ours to read
     try:
-        return [
+        files = [
             (target, int(fd))
             for fd in _listdir(directory)
             if (target := _readlink_at(directory, fd)) in wanted
         ]
+        return files, _readlink_at(directory, "../ns/mnt")
     finally:
         os.close(directory)
 

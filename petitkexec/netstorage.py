@@ -185,16 +185,18 @@ class NetworkView:
         """(NIC, reason) for a block device's leaf that is a network session; None when the
         leaf is no network block device."""
         name = leaf.name
+        if name.startswith(("loop", "zram", "zd", "dm-", "md", "ram")):
+            return None  # the usual leaves, local ones: no sysfs look-up for them
         if re.fullmatch(r"nbd\d+", name):
             return self._nbd(leaf)
         if re.fullmatch(r"rbd\d+", name):
             # Ceph talks to every OSD and monitor of the cluster, at addresses sysfs does
             # not list (/sys/bus/rbd/devices/N/ has client_addr, ours, only).
             return self._every_nic(f"may carry {name} (Ceph RBD: its OSDs are not listed)")
-        controller = _nvme_fabrics_controller(leaf)
+        controller = _nvme_fabrics_controller(leaf) if name.startswith("nvme") else None
         if controller is not None:
             return self._nvme(controller)
-        session = _iscsi_session(leaf)
+        session = _iscsi_session(leaf) if "/session" in str(leaf) else None
         if session is not None:
             return self._iscsi(leaf, session)
         return None
