@@ -39,7 +39,8 @@ class NodeUse:
         return f"{self.via}, {use}" if self.via else use
 
 
-@dataclass(frozen=True)
+# eq=False: equal only to itself; nothing compares one (no __eq__/__hash__ to compile at start)
+@dataclass(frozen=True, eq=False)
 class ProcessScan:
     """What one walk over every process found: the device nodes held open, and one process
     in each mount namespace (namespace link text → the first pid seen in it)."""
@@ -187,7 +188,8 @@ def in_use_and_live_update(sysfs_root: Path, proc_root: Path) -> tuple[list[Node
     return busy.in_use, busy.live_update
 
 
-@dataclass(frozen=True)
+# eq=False: equal only to itself; nothing compares one (no __eq__/__hash__ to compile at start)
+@dataclass(frozen=True, eq=False)
 class BusyScan:
     in_use: list[NodeUse]
     live_update: str | None  # why Live Update may preserve devices across this kexec

@@ -50,7 +50,8 @@ class Endpoint:
         return self.address.is_loopback or self.address.is_unspecified
 
 
-@dataclass(frozen=True)
+# eq=False: equal only to itself; nothing compares one (no __eq__/__hash__ to compile at start)
+@dataclass(frozen=True, eq=False)
 class Route:
     network: Network
     interface: str
@@ -173,7 +174,8 @@ def route_interface(routes: list[Route], address: Address) -> str | None:
 # --- the machine: sessions, routes and interfaces ---------------------------------------------
 
 
-@dataclass(frozen=True)
+# eq=False: equal only to itself; nothing compares one (no __eq__/__hash__ to compile at start)
+@dataclass(frozen=True, eq=False)
 class NetworkView:
     """The roots network storage is found under, and how to read this CPU's /proc words."""
 

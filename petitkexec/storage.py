@@ -43,7 +43,8 @@ class Backing:
         return f"{self.via}, {why}" if self.via else why
 
 
-@dataclass(frozen=True)
+# eq=False: equal only to itself; nothing compares one (no __eq__/__hash__ to compile at start)
+@dataclass(frozen=True, eq=False)
 class Storage:
     """Resolves block devices, file systems and paths to the PCI functions below them.
 
