@@ -17,7 +17,7 @@ from petitkexec.bdf import Bdf
 from petitkexec.errors import PreflightRefused
 from petitkexec.inuse import BusyScan, command_of, scan_busy
 from petitkexec.model import SystemFacts
-from petitkexec.mounts import Mount, read_mountinfo, unescape
+from petitkexec.mounts import NETWORK_FILESYSTEMS, Mount, read_mountinfo, unescape
 from petitkexec.netstorage import active_network_functions
 from petitkexec.storage import Storage
 from petitkexec.watchdog import watchdogs
@@ -155,26 +155,6 @@ def _zfs_pool_needs(storage: Storage) -> Iterator[tuple[Bdf, str]]:
     if pools:
         for backing in storage.zfs_pools(pools, ""):
             yield backing.bdf, backing.via.replace("in ZFS pool", "member of imported ZFS pool")
-
-
-# File systems whose data travels over a network interface. Not every fuse.* does (lxcfs,
-# gvfsd-fuse, portals): only the ones known to.
-NETWORK_FILESYSTEMS = frozenset(
-    {
-        "nfs",
-        "nfs4",
-        "cifs",
-        "smb3",
-        "ceph",
-        "glusterfs",
-        "afs",
-        "fuse.sshfs",
-        "fuse.glusterfs",
-        "fuse.ceph-fuse",
-        "fuse.s3fs",
-        "fuse.rclone",
-    }
-)
 
 
 def _function_behind(link: Path) -> Bdf | None:

@@ -4,8 +4,28 @@ mount namespace (/proc/self/mountinfo, or /proc/PID/mountinfo for another namesp
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+
+# File systems whose data travels over a network interface. Not every fuse.* does (lxcfs,
+# gvfsd-fuse, portals): only the ones known to.
+NETWORK_FILESYSTEMS = frozenset(
+    {
+        "nfs",
+        "nfs4",
+        "cifs",
+        "smb3",
+        "ceph",
+        "glusterfs",
+        "afs",
+        "fuse.sshfs",
+        "fuse.glusterfs",
+        "fuse.ceph-fuse",
+        "fuse.s3fs",
+        "fuse.rclone",
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -59,6 +79,19 @@ def overlay_directories(value: str) -> list[str]:
     """lowerdir=A:B:C; a colon inside a path is escaped as `\\:`
     (ovl_parse_param_split_lowerdirs())."""
     return [part.replace("\\:", ":") for part in re.split(r"(?<!\\):", value) if part]
+
+
+def mount_holding(mounts: Sequence[Mount], path: str) -> Mount | None:
+    """The mount a path lies on, by the longest mount point that is a prefix of it (the
+    last one mounted wins among equals), without asking any file system."""
+    best: Mount | None = None
+    for mount in mounts:
+        point = mount.mount_point.rstrip("/") + "/"
+        if (path + "/").startswith(point) and (
+            best is None or len(mount.mount_point) >= len(best.mount_point)
+        ):
+            best = mount
+    return best
 
 
 def read_mountinfo(mountinfo: Path) -> list[Mount]:

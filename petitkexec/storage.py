@@ -23,8 +23,8 @@ from pathlib import Path
 
 from petitkexec.bdf import Bdf
 from petitkexec.blockdev import functions_behind_block_device, resolve_link, walk_block_device
-from petitkexec.mounts import Mount, overlay_directories
-from petitkexec.netstorage import NetworkView
+from petitkexec.mounts import NETWORK_FILESYSTEMS, Mount, mount_holding, overlay_directories
+from petitkexec.netstorage import NetworkView, active_network_functions
 
 UDEV_DATA = Path("/run/udev/data")
 MAX_DEPTH = 8  # a loop device on a file on a loop device ...: a cycle ends here
@@ -101,6 +101,11 @@ class Storage:
     def path(self, path: str, depth: int = 0, root: str = "") -> set[Backing]:
         """The functions below a file (those of its file system) or a block device node.
         `root` prefixes a path seen in another mount namespace (/proc/PID/root)."""
+        holder = mount_holding(self.mounts, path) if not root else None
+        if holder is not None and holder.fstype in NETWORK_FILESYSTEMS:
+            # stat() would ask the server, and hang when it is gone: any NIC may carry it.
+            how = f"{path} on {holder.fstype}"
+            return {Backing(b, how) for b, _ in active_network_functions(self.sysfs_root)}
         try:
             status = os.stat(root + path)
         except OSError:

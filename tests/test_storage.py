@@ -11,9 +11,10 @@ import pytest
 
 from petitkexec.facts import needed_functions, read_mounts
 from petitkexec.inuse import scan_busy
-from petitkexec.mounts import overlay_directories
+from petitkexec.mounts import Mount, overlay_directories
 from petitkexec.storage import Storage
 from tests.test_facts import NVME_DISK, SATA_DISK, FakeMachine
+from tests.test_netstorage import NetMachine
 
 NVME = "0000:01:00.0"
 AHCI = "0000:00:1f.2"
@@ -191,3 +192,18 @@ def test_an_overlay_root_needs_the_file_systems_of_its_layers(
 
 def test_an_overlay_lower_layer_with_a_colon_is_split_right() -> None:
     assert overlay_directories(r"/a\:b:/c") == ["/a:b", "/c"]
+
+
+def test_a_file_on_a_network_file_system_is_not_stat_ed_and_needs_every_nic(
+    tmp_path: Path,
+) -> None:
+    net = NetMachine(tmp_path)
+    net.nic("eth0", "0000:00:03.0")
+    nfs = Mount.parse("50 29 0:60 / /srv/nfs rw,relatime - nfs4 server:/export rw,vers=4.2")
+    storage = Storage(net.sys, net.proc, [nfs])
+    # Nothing exists at that path here: an answer at all shows no stat() asked the server.
+    backings = storage.path("/srv/nfs/images/disk.img")
+    assert {(str(b.bdf), b.via) for b in backings} == {
+        ("0000:00:03.0", "/srv/nfs/images/disk.img on nfs4")
+    }
+    assert storage.path("/srv/nfsx/disk.img") == set()  # another mount point's prefix only
