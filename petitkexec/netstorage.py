@@ -187,8 +187,6 @@ class NetworkView:
         """(NIC, reason) for a block device's leaf that is a network session; None when the
         leaf is no network block device."""
         name = leaf.name
-        if name.startswith(("loop", "zram", "zd", "dm-", "md", "ram")):
-            return None  # the usual leaves, local ones: no sysfs look-up for them
         if re.fullmatch(r"nbd\d+", name):
             return self._nbd(leaf)
         if re.fullmatch(r"rbd\d+", name):

@@ -75,9 +75,6 @@ class Storage:
 
     def _leaf(self, leaf: Path, depth: int) -> set[Backing]:
         name = leaf.name
-        carriers = self.network.carriers(leaf)
-        if carriers is not None:
-            return {Backing(bdf, reason) for bdf, reason in carriers}
         if name.startswith("loop"):
             # The file's path as the process that set it up saw it (loop_attr_backing_file_show()).
             backing = _read(leaf / "loop" / "backing_file").removesuffix(" (deleted)")
@@ -92,7 +89,8 @@ class Storage:
         if name.startswith("zd"):
             # A zvol's pool is not in sysfs (only /dev/zvol/POOL/... links udev makes).
             return self.zfs_pools(self.imported_zfs_pools(), f"zvol {name}")
-        return set()
+        carriers = self.network.carriers(leaf)
+        return {Backing(bdf, reason) for bdf, reason in carriers or ()}
 
     @staticmethod
     def _via(backings: set[Backing] | frozenset[Backing], how: str) -> set[Backing]:
