@@ -136,17 +136,39 @@ def _other_namespace_needs(
         own = os.readlink(storage.proc_root / "self" / "ns" / "mnt")
     except OSError:
         own = None
-    seen = {(m.device, m.fstype, m.source) for m in storage.mounts}
+    seen: set[tuple[object, ...]] = {
+        (m.device, m.fstype, m.source, m.writable) for m in storage.mounts
+    }
     for namespace, pid in sorted(namespaces.items(), key=lambda item: item[1]):
         if namespace == own:
             continue
         try:
-            mounts = read_mountinfo(storage.proc_root / str(pid) / "mountinfo")
-        except (OSError, ValueError):
+            lines = (storage.proc_root / str(pid) / "mountinfo").read_text().splitlines()
+        except OSError:
             continue  # the process exited meanwhile
-        new = [m for m in mounts if (m.device, m.fstype, m.source) not in seen]
-        seen.update((m.device, m.fstype, m.source) for m in new)
+        new = []
+        for line in lines:
+            key = _mount_key(line)
+            if key not in seen:
+                seen.add(key)
+                try:
+                    new.append(Mount.parse(line))
+                except ValueError:
+                    continue  # a table we cannot read adds nothing; ours was refused above
         yield from _mount_needs(storage, new, (pid, command_of(storage.proc_root, pid)))
+
+
+def _mount_key(line: str) -> tuple[object, ...]:
+    """What makes a mount the same as one already seen, without building a Mount: most of
+    every other namespace's table repeats ours (systemd's PrivateTmp=, ProtectSystem=)."""
+    before, _, after = line.partition(" - ")
+    fields, tail = before.split(), after.split()
+    if len(fields) < 6 or len(tail) < 2:
+        return (line,)
+    writable = "rw" in fields[5].split(",") and "ro" not in (tail[2:3] or [""])[0].split(",")
+    major, _, minor = fields[2].partition(":")
+    device = (int(major), int(minor)) if major.isdigit() and minor.isdigit() else fields[2]
+    return (device, tail[0], unescape(tail[1]), writable)
 
 
 def _zfs_pool_needs(storage: Storage) -> Iterator[tuple[Bdf, str]]:

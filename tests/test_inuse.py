@@ -310,3 +310,18 @@ def test_a_read_only_mount_in_another_namespace_needs_nothing(machine: FakeMachi
     process = in_namespace(machine, 812, "dockerd", CONTAINER_NAMESPACE)
     (process / "mountinfo").write_text("22 1 8:16 / / ro,relatime - xfs /dev/sdb ro\n")
     assert machine.needed() == {}
+
+
+def test_a_disk_read_only_here_but_writable_in_another_namespace_is_protected(
+    machine: FakeMachine,
+) -> None:
+    machine.block("pci0000:00/0000:00:1f.2/ata1/host0/target0:0:0/0:0:0:0/block/sdb", "8:16")
+    machine.mount("40 29 8:16 / /srv ro,relatime - xfs /dev/sdb ro")
+    process = in_namespace(machine, 900, "worker", CONTAINER_NAMESPACE)
+    (process / "mountinfo").write_text(
+        "40 29 8:16 / /srv ro,relatime - xfs /dev/sdb ro\n"
+        "41 29 8:16 / /rw rw,relatime - xfs /dev/sdb rw\n"
+    )
+    assert machine.needed() == {
+        "0000:00:1f.2": "backs /rw mounted rw in the mount namespace of pid 900 (worker)"
+    }
