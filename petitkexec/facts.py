@@ -97,12 +97,10 @@ def _mount_needs(
 ) -> Iterator[tuple[Bdf, str]]:
     """Writable mounts and the root file system (the handoff still runs programs from it);
     `namespace` (pid, command) names another mount namespace whose table this is."""
-    where = (
-        ""
-        if namespace is None
-        else (f" in the mount namespace of pid {namespace[0]} ({namespace[1]})")
-    )
-    root = "" if namespace is None else f"{storage.proc_root}/{namespace[0]}/root"
+    where, root = "", ""
+    if namespace is not None:
+        where = f" in the mount namespace of pid {namespace[0]} ({namespace[1]})"
+        root = f"{storage.proc_root}/{namespace[0]}/root"
     # Only a 9p mount needs the virtio devices' tags; most systems have none.
     has_9p = any(mount.fstype == "9p" for mount in mounts)
     virtio_tags = _virtio_mount_tags(storage.sysfs_root) if has_9p else {}

@@ -99,14 +99,16 @@ class Storage:
     def path(self, path: str, depth: int = 0, root: str = "") -> set[Backing]:
         """The functions below a file (those of its file system) or a block device node.
         `root` prefixes a path seen in another mount namespace (/proc/PID/root)."""
-        holder = mount_holding(self.mounts, path) if not root else None
+        holder = mount_holding(self.mounts, path)
         if holder is not None and holder.fstype in NETWORK_FILESYSTEMS:
             # stat() would ask the server, and hang when it is gone: any NIC may carry it.
             how = f"{path} on {holder.fstype}"
             return {Backing(b, how) for b, _ in active_network_functions(self.sysfs_root)}
-        try:
-            status = os.stat(root + path)
-        except OSError:
+        # A path in another namespace's table was seen by whoever mounted it: dockerd names
+        # overlay layers in the host's tree, `unshare -m` in its own.
+        status = _stat(root + path) if root else None
+        status = status or _stat(path)
+        if status is None:
             return set()
         if stat.S_ISBLK(status.st_mode):
             return set(self.block_device(_split(status.st_rdev), depth))
@@ -224,6 +226,13 @@ class Storage:
             if major.isdigit() and minor.isdigit():
                 disks.append((int(major), int(minor)))
         return disks
+
+
+def _stat(path: str) -> os.stat_result | None:
+    try:
+        return os.stat(path)
+    except OSError:
+        return None
 
 
 def _split(number: int) -> Device:
