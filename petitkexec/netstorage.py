@@ -306,7 +306,14 @@ class NetworkView:
             if interface is None:
                 carriers.extend(self._every_nic(f"may carry {name} → {remote} (no route)"))
                 continue
-            carriers.extend((bdf, reason) for bdf in self.functions_of_interface(interface))
+            functions = self.functions_of_interface(interface)
+            if not functions and interface != "lo":
+                # A tunnel (WireGuard, GRE, VXLAN) has no lower links: its packets leave
+                # through whichever NIC routes to its own endpoint.
+                how = f"may carry {name} → {remote} (through {interface})"
+                carriers.extend(self._every_nic(how))
+                continue
+            carriers.extend((bdf, reason) for bdf in functions)
         return carriers
 
     def interface_towards(self, address: Address) -> str | None:

@@ -301,3 +301,14 @@ def test_an_nvme_fabrics_address_splits_into_its_keys() -> None:
         "src_addr": "10.1.0.5",
     }
     assert parse_nvme_address("traddr=nn-0x1000:pn-0x2000") == {"traddr": "nn-0x1000:pn-0x2000"}
+
+
+def test_an_nbd_server_behind_a_tunnel_needs_every_nic_that_is_up(machine: NetMachine) -> None:
+    machine.virtual_nic("wg0", [])
+    machine.route("wg0", "172.16.0.0/12")
+    machine.nbd(0, pid=900)
+    machine.nbd_client(900, "172.16.0.2:53000", "172.16.9.9:10809")
+    machine.mount("40 29 43:0 / /mnt rw,relatime - ext4 /dev/nbd0 rw")
+    assert machine.needed() == {
+        VIRTIO_NET: "may carry nbd0 → 172.16.9.9:10809 (through wg0), backs /mnt mounted rw"
+    }
