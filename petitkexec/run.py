@@ -25,6 +25,7 @@ from petitkexec.handoff import (
 )
 from petitkexec.journal import UndoResult
 from petitkexec.log import get_logger, timed
+from petitkexec.lookagain import look_again
 from petitkexec.model import SystemFacts, Topology
 from petitkexec.outcome import TeardownReport
 from petitkexec.plan import Plan, build_plan
@@ -210,6 +211,8 @@ def _disarm(watchdog: Watchdog) -> str:
 def _teardown(
     environment: Environment, prepared: Prepared, on_outcome: OutcomeCallback | None
 ) -> Teardown:
+    if not prepared.settings.execution.dry_run:
+        prepared = _looked_again(environment, prepared)
     return Teardown(
         environment.kernel(),
         prepared.topology,
@@ -217,6 +220,17 @@ def _teardown(
         prepared.settings.execution,
         on_outcome=on_outcome,
     )
+
+
+def _looked_again(environment: Environment, prepared: Prepared) -> Prepared:
+    """What became needed since the scan is protected, and the report says so (lookagain.py)."""
+    facts, appeared = look_again(prepared.facts, environment.facts)
+    if not appeared:
+        return prepared
+    needed = [f"{bdf}: {reason}" for bdf, reason in appeared.items()]
+    get_logger("petitkexec").warning("needed since the scan", functions=needed)
+    plan = build_plan(prepared.topology, prepared.settings.policy, facts)
+    return Prepared(prepared.topology, facts, plan, prepared.settings)
 
 
 def _timed_run(run: Teardown) -> TeardownReport:

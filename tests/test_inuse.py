@@ -265,3 +265,63 @@ def test_watchdog_is_armed_right_before_the_handoff_and_its_device_left_alone(
     assert "held: watchdog0 armed for the handoff by --watchdog" in result.stderr
     assert "watchdog: watchdog0 stopped again" in result.stderr
     assert not any("0000:00:0b.0" in w["path"] for w in sim.writes())
+
+
+# --- every mount namespace --------------------------------------------------------------------
+
+OWN_NAMESPACE, CONTAINER_NAMESPACE = "mnt:[4026531841]", "mnt:[4026532812]"
+
+
+def in_namespace(machine: FakeMachine, pid: int, comm: str, namespace: str) -> Path:
+    """A process in a mount namespace (/proc/PID/ns/mnt), with its own mountinfo."""
+    directory = machine.proc / str(pid)
+    (directory / "ns").mkdir(parents=True)
+    (directory / "fd").mkdir()
+    (directory / "comm").write_text(comm + "\n")
+    os.symlink(namespace, directory / "ns" / "mnt")
+    (directory / "mountinfo").write_text("")
+    return directory
+
+
+def test_a_disk_mounted_only_in_another_mount_namespace_is_protected_naming_it(
+    machine: FakeMachine,
+) -> None:
+    machine.block("pci0000:00/0000:00:1c.0/0000:01:00.0/nvme/nvme0/nvme0n1", "259:0")
+    machine.block("pci0000:00/0000:00:1f.2/ata1/host0/target0:0:0/0:0:0:0/block/sdb", "8:16")
+    root = "29 1 259:0 / / rw,relatime shared:1 - ext4 /dev/nvme0n1 rw"
+    machine.mount(root)
+    (machine.proc / "self" / "ns").mkdir()
+    os.symlink(OWN_NAMESPACE, machine.proc / "self" / "ns" / "mnt")
+    in_namespace(machine, 1, "init", OWN_NAMESPACE).joinpath("mountinfo").write_text(root)
+    dockerd = in_namespace(machine, 812, "dockerd", CONTAINER_NAMESPACE)
+    (dockerd / "mountinfo").write_text(
+        f"{root}\n90 29 8:16 / /data rw,relatime - xfs /dev/sdb rw\n"
+        "91 29 8:16 / /ro ro,relatime - xfs /dev/sdb ro\n"
+    )
+    in_namespace(machine, 813, "sh", CONTAINER_NAMESPACE)
+    assert machine.needed() == {
+        NVME: "backs / mounted rw",
+        "0000:00:1f.2": "backs /data mounted rw in the mount namespace of pid 812 (dockerd)",
+    }
+
+
+def test_a_read_only_mount_in_another_namespace_needs_nothing(machine: FakeMachine) -> None:
+    machine.block("pci0000:00/0000:00:1f.2/ata1/host0/target0:0:0/0:0:0:0/block/sdb", "8:16")
+    process = in_namespace(machine, 812, "dockerd", CONTAINER_NAMESPACE)
+    (process / "mountinfo").write_text("22 1 8:16 / / ro,relatime - xfs /dev/sdb ro\n")
+    assert machine.needed() == {}
+
+
+def test_a_disk_read_only_here_but_writable_in_another_namespace_is_protected(
+    machine: FakeMachine,
+) -> None:
+    machine.block("pci0000:00/0000:00:1f.2/ata1/host0/target0:0:0/0:0:0:0/block/sdb", "8:16")
+    machine.mount("40 29 8:16 / /srv ro,relatime - xfs /dev/sdb ro")
+    process = in_namespace(machine, 900, "worker", CONTAINER_NAMESPACE)
+    (process / "mountinfo").write_text(
+        "40 29 8:16 / /srv ro,relatime - xfs /dev/sdb ro\n"
+        "41 29 8:16 / /rw rw,relatime - xfs /dev/sdb rw\n"
+    )
+    assert machine.needed() == {
+        "0000:00:1f.2": "backs /rw mounted rw in the mount namespace of pid 900 (worker)"
+    }
