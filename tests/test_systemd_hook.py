@@ -39,7 +39,7 @@ def stand_in_sync(tmp_path: Path, body: str = "") -> None:
     path.parent.mkdir(exist_ok=True)
     sysrq = tmp_path / "sysrq"
     path.write_text(
-        f'#!/bin/sh\nif [ -e {sysrq} ]; then echo after-sysrq; else echo before-sysrq; fi'
+        f"#!/bin/sh\nif [ -e {sysrq} ]; then echo after-sysrq; else echo before-sysrq; fi"
         f" >>{tmp_path}/synced\n{body}"
     )
     path.chmod(0o755)
