@@ -272,7 +272,11 @@ def test_watchdog_is_refused_when_the_kernel_would_stop_it_at_kexec(
     kexec = str(fake_kexec(tmp_path, sim))
     result = invoke(environment(sim, tmp_path), "exec", "--watchdog", "30", "--kexec", kexec)
     assert result.exit_code == ExitCode.PREFLIGHT_REFUSED
-    assert f"{ESB_DRIVER} stops it on reboot (watchdog_stop_on_reboot(); boot with" in result.stderr
+    assert (
+        "petitkexec: --watchdog: the running kernel would stop watchdog0 before the next kernel "
+        f"runs: {ESB_DRIVER} stops it on reboot (watchdog_stop_on_reboot(); boot with "
+        "watchdog.stop_on_reboot=0)"
+    ) in result.stderr
     assert sim.writes() == []
 
 
