@@ -82,9 +82,9 @@ def watchdogs(sysfs_root: Path) -> Iterator[Watchdog]:
     except OSError:
         return
     for entry in (directory / name for name in names):
-        state = _attribute(entry, "state")
-        bdf, driver = _function_of(sysfs_root, entry)
-        yield Watchdog(entry.name, bdf, driver, state == "active", _attribute(entry, "identity"))
+        identity = _attribute(entry, "identity")
+        bdf, driver = _function_of(sysfs_root, entry, identity)
+        yield Watchdog(entry.name, bdf, driver, _attribute(entry, "state") == "active", identity)
 
 
 def _attribute(entry: Path, name: str) -> str | None:
@@ -94,7 +94,9 @@ def _attribute(entry: Path, name: str) -> str | None:
         return None
 
 
-def _function_of(sysfs_root: Path, entry: Path) -> tuple[Bdf | None, str | None]:
+def _function_of(
+    sysfs_root: Path, entry: Path, identity: str | None
+) -> tuple[Bdf | None, str | None]:
     """The PCI function behind a watchdog and its driver, (None, None) if none is known."""
     try:
         device = (entry / "device").resolve(strict=True)
@@ -104,8 +106,9 @@ def _function_of(sysfs_root: Path, entry: Path) -> tuple[Bdf | None, str | None]
     # A driver that registers its watchdog without a parent leaves it under
     # /sys/devices/virtual/watchdog/ (i6300esb in Linux 6.1, seen in the q35 guest). Its
     # `identity` is then the only link back: i6300esb names its watchdog after its PCI driver.
+    if identity is None:
+        return None, None
     try:
-        identity = (entry / "identity").read_text().strip()
         bound = [
             bdf
             for link in (sysfs_root / "bus" / "pci" / "drivers" / identity).iterdir()
@@ -158,9 +161,10 @@ def _stops_at_close(sysfs_root: Path, watchdog: Watchdog, facts: DriverFacts | N
 def _stops_at_kexec(sysfs_root: Path, watchdog: Watchdog, facts: DriverFacts | None) -> str | None:
     """kernel_kexec() -> kernel_restart_prepare() runs the reboot notifiers (SYS_RESTART);
     watchdog_reboot_notifier() stops a running watchdog whose driver called
-    watchdog_stop_on_reboot(), unless watchdog.stop_on_reboot= overrides every driver."""
-    setting = sysfs_root / "module" / "watchdog" / "parameters" / "stop_on_reboot"
-    value = _attribute(setting.parent, setting.name) or "-1"  # the default: each driver decides
+    watchdog_stop_on_reboot(), unless watchdog.stop_on_reboot= overrides every driver. The
+    notifier calls the driver's stop() itself: nowayout does not keep it running."""
+    parameters = sysfs_root / "module" / "watchdog" / "parameters"
+    value = _attribute(parameters, "stop_on_reboot") or "-1"  # the default: each driver decides
     if value == "1":
         return "watchdog.stop_on_reboot=1: the kernel stops every watchdog at reboot"
     if value == "0":
