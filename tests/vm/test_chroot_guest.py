@@ -1,6 +1,7 @@
 """petitkexec run inside a chroot on the real kernel: the q35 guest's nvme ext4 holds the
 chroot in a subdirectory, so the kernel leaves the ext4 out of the chroot's mountinfo
-(show_mountinfo() skips what seq_path_root() cannot reach from the reader's root)."""
+(show_mountinfo() skips what seq_path_root() cannot reach from the root of the process
+whose table it is: ours in the chroot; pid 1's table still lists it)."""
 
 from __future__ import annotations
 
