@@ -22,6 +22,7 @@ from typing import Literal
 
 from petitkexec.bdf import Bdf
 from petitkexec.blockdev import resolve_link
+from petitkexec.kernelsockets import held_socket_inodes
 
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -29,6 +30,7 @@ ByteOrder = Literal["little", "big"]
 
 RTF_UP = 0x0001  # include/uapi/linux/route.h
 RTF_REJECT = 0x0200
+TCP_ESTABLISHED = "01"  # include/net/tcp_states.h, as tcp4_seq_show() prints it (%02X)
 
 
 @dataclass(frozen=True)
@@ -110,15 +112,17 @@ def parse_ipv6_routes(text: str) -> list[Route]:
 
 
 def parse_tcp_sockets(
-    text: str, byteorder: ByteOrder = sys.byteorder
+    text: str, byteorder: ByteOrder = sys.byteorder, established_only: bool = False
 ) -> dict[int, tuple[Endpoint, Endpoint]]:
     """/proc/net/tcp or tcp6 (tcp4_seq_show(), tcp6_seq_show()): socket inode → (local,
     remote). Addresses are __be32 words printed as native integers (%08X, four of them for
-    IPv6), ports in host order (%04X)."""
+    IPv6), ports in host order (%04X); `st` is the TCP state in hex (01: ESTABLISHED)."""
     sockets = {}
     for line in text.splitlines()[1:]:
         fields = line.split()
         try:
+            if established_only and fields[3] != TCP_ESTABLISHED:
+                continue
             local, remote = _tcp_endpoint(fields[1], byteorder), _tcp_endpoint(fields[2], byteorder)
             sockets[int(fields[9])] = (local, remote)
         except (IndexError, ValueError):
@@ -211,9 +215,39 @@ class NetworkView:
         except (OSError, ValueError):
             return []  # not connected: nothing travels over a network
         sessions = self._sockets_of(pid)
-        if sessions is None:
+        if sessions is not None:
+            return self._to_endpoints(leaf.name, sessions)
+        # Netlink mode: the client exited, `pid` names it (nbd_start_device() records who
+        # connected; the kernel's recv_work() holds the socket). Which kernel-held connection
+        # is this device's is not shown anywhere, nor is its port fixed (10809 is only the
+        # default): every kernel-held connection may be one of its num_connections, and each
+        # one's NIC is needed. One too many (an NFS or iSCSI session's, needed anyway) is safe.
+        kernel_held = self._kernel_held_connections()
+        if not kernel_held:
             return self._every_nic(f"may carry {leaf.name} (its socket is not visible)")
-        return self._to_endpoints(leaf.name, sessions)
+        return [
+            (bdf, f"{reason} (a connection the kernel holds)")
+            for bdf, reason in self._to_endpoints(leaf.name, kernel_held)
+        ]
+
+    def _kernel_held_connections(self) -> list[tuple[Endpoint, Endpoint]]:
+        """ESTABLISHED TCP connections whose socket no process holds, in the network
+        namespace of pid 1 (/proc/1/net/: /proc/net/ is the reader's own, and the root's is
+        where nbd-client ran on a host)."""
+        found: list[tuple[Endpoint, Endpoint]] = []
+        held: frozenset[int] | None = None
+        for table in ("tcp", "tcp6"):
+            try:
+                text = (self.proc_root / "1" / "net" / table).read_text()
+            except OSError:
+                continue
+            # Inode 0: a connection not accepted yet (no struct socket), never nbd's.
+            sockets = parse_tcp_sockets(text, self.byteorder, established_only=True)
+            sockets.pop(0, None)
+            if sockets and held is None:
+                held = held_socket_inodes(self.proc_root)  # walked once, only when needed
+            found.extend(ends for inode, ends in sockets.items() if inode not in (held or ()))
+        return found
 
     def _sockets_of(self, pid: int) -> list[tuple[Endpoint, Endpoint]] | None:
         """(local, remote) of each TCP socket a process holds, read in its own network

@@ -165,6 +165,51 @@ def test_an_nbd_whose_socket_is_not_visible_needs_every_nic_that_is_up(
     }
 
 
+def tcp_line(local: str, remote: str, inode: int, state: str = "01") -> str:
+    """One /proc/net/tcp line (tcp4_seq_show())."""
+    (local_address, local_port), (remote_address, remote_port) = (
+        endpoint.rsplit(":", 1) for endpoint in (local, remote)
+    )
+    return (
+        f"   0: {word(local_address)}:{int(local_port):04X} "
+        f"{word(remote_address)}:{int(remote_port):04X} {state} 00000000:00000000 00:00000000 "
+        f"00000000     0        0 {inode} 1 0000000000000000 20 4 30 10 -1"
+    )
+
+
+def test_a_netlink_nbd_needs_only_the_nic_of_the_connection_the_kernel_holds(
+    tmp_path: Path,
+) -> None:
+    """Debian's nbd-client in netlink mode hands its socket to the kernel and exits: pid
+    names the gone client, no fd links to the socket, /proc/net/tcp still lists it."""
+    machine = NetMachine(tmp_path)
+    machine.nic("eth0", VIRTIO_NET)  # up, on another network: not on the session's route
+    machine.route("eth0", "192.168.7.0/24")
+    machine.nic("eth1", "0000:04:00.0")
+    machine.route("eth1", "10.0.2.0/24")
+    machine.nbd(0, pid=4242)
+    sshd = machine.proc / "1"  # holds its own connection on eth0: not the kernel's
+    (sshd / "fd").mkdir(parents=True)
+    (sshd / "net").mkdir()
+    os.symlink("socket:[8888]", sshd / "fd" / "3")
+    (sshd / "net" / "tcp").write_text(
+        "\n".join(
+            [
+                TCP_HEADER,
+                tcp_line("10.0.2.15:53000", "10.0.2.100:10809", 7777),
+                tcp_line("192.168.7.5:22", "192.168.7.9:40000", 8888),
+                tcp_line("192.168.7.5:22", "192.168.7.9:40001", 9999, state="06"),  # TIME_WAIT
+            ]
+        )
+        + "\n"
+    )
+    machine.mount("40 29 43:0 / /mnt rw,relatime - ext4 /dev/nbd0 rw")
+    assert machine.needed() == {
+        "0000:04:00.0": "carries nbd0 → 10.0.2.100:10809 (a connection the kernel holds), "
+        "backs /mnt mounted rw"
+    }
+
+
 def test_an_nbd_device_that_is_not_connected_needs_nothing(machine: NetMachine) -> None:
     machine.nbd(3, pid=None)
     machine.mount("40 29 43:96 / /mnt rw,relatime - ext4 /dev/nbd3 rw")
