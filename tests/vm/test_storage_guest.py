@@ -74,8 +74,13 @@ NBD_CLIENT_MODES = {"netlink": "", "ioctl": " -nonetlink"}
 
 
 def nbd_connect(mode: str) -> str:
+    """Connects nbd0, then waits for its `pid` attribute: in ioctl mode nbd-client returns
+    while its daemon child is still on its way to NBD_DO_IT, whose nbd_start_device() creates
+    `pid` (seen missing right after nbd-client returned, q35 guest, Linux 6.1)."""
     return (
         f"nbd-client {NBD_ADDRESS} {NBD_PORT} /dev/nbd0 -N disk{NBD_CLIENT_MODES[mode]} || exit 7\n"
+        "n=0; while [ ! -e /sys/block/nbd0/pid ] && [ $n -lt 100 ]; do\n"
+        "    sleep 0.1; n=$((n + 1)); done\n"
     )
 
 
