@@ -15,6 +15,7 @@ Without it, every disk may be a member: all of them are needed.
 
 from __future__ import annotations
 
+import functools
 import os
 import stat
 from collections.abc import Callable, Sequence
@@ -59,8 +60,9 @@ class Storage:
     stat_file: Callable[[str], os.stat_result] = os.stat
     _cache: dict[Device, frozenset[Backing]] = field(default_factory=dict, repr=False)
 
-    @property
+    @functools.cached_property
     def network(self) -> NetworkView:
+        """One per Storage: it keeps what it walked /proc for (kernel-held sockets)."""
         return NetworkView(self.sysfs_root, self.proc_root)
 
     def block_device(self, device: Device, depth: int = 0) -> frozenset[Backing]:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from petitkexec import netstorage
 from petitkexec.netstorage import (
     Endpoint,
     parse_ipv4_routes,
@@ -177,9 +178,7 @@ def tcp_line(local: str, remote: str, inode: int, state: str = "01") -> str:
     )
 
 
-def test_a_netlink_nbd_needs_only_the_nic_of_the_connection_the_kernel_holds(
-    tmp_path: Path,
-) -> None:
+def netlink_nbd(tmp_path: Path) -> NetMachine:
     """Debian's nbd-client in netlink mode hands its socket to the kernel and exits: pid
     names the gone client, no fd links to the socket, /proc/net/tcp still lists it."""
     machine = NetMachine(tmp_path)
@@ -204,10 +203,35 @@ def test_a_netlink_nbd_needs_only_the_nic_of_the_connection_the_kernel_holds(
         + "\n"
     )
     machine.mount("40 29 43:0 / /mnt rw,relatime - ext4 /dev/nbd0 rw")
-    assert machine.needed() == {
+    return machine
+
+
+def test_a_netlink_nbd_needs_only_the_nic_of_the_connection_the_kernel_holds(
+    tmp_path: Path,
+) -> None:
+    assert netlink_nbd(tmp_path).needed() == {
         "0000:04:00.0": "carries nbd0 → 10.0.2.100:10809 (a connection the kernel holds), "
         "backs /mnt mounted rw"
     }
+
+
+def test_the_processes_are_walked_for_their_sockets_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    machine = netlink_nbd(tmp_path)
+    machine.nbd(1, pid=4243)  # a second one, a second mount of nbd0, and nbd0 held open:
+    machine.mount("41 29 43:32 / /srv rw,relatime - ext4 /dev/nbd1 rw")
+    machine.mount("42 29 43:0 / /opt rw,relatime - ext4 /dev/nbd0 rw")
+    writer = machine.proc / "77"
+    (writer / "fd").mkdir(parents=True)
+    (writer / "comm").write_text("dd\n")
+    os.symlink("/dev/nbd0", writer / "fd" / "4")
+    walks = []
+    monkeypatch.setattr(
+        netstorage, "held_socket_inodes", lambda proc: walks.append(proc) or frozenset({8888})
+    )
+    assert set(machine.needed()) == {"0000:04:00.0"}
+    assert len(walks) == 1
 
 
 def test_an_nbd_device_that_is_not_connected_needs_nothing(machine: NetMachine) -> None:
