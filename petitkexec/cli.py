@@ -55,6 +55,25 @@ def setting_options(*scopes: Scope) -> Callable[[F], F]:
     config file's."""
 
     def decorate(command: F) -> F:
+        command = report_options(*scopes)(command)
+        command = click.option(
+            "--config",
+            "config_path",
+            type=click.Path(path_type=Path, dir_okay=False),
+            help="TOML config file with the same keys [default: /etc/petitkexec.toml if present].",
+        )(command)
+        return click.option(
+            "--json", "as_json", is_flag=True, help="Machine-readable output on stdout."
+        )(command)
+
+    return decorate
+
+
+def report_options(*scopes: Scope) -> Callable[[F], F]:
+    """Only the settings' own click options (no --config, no --json), for commands such as
+    verify that take a setting or two but plan nothing."""
+
+    def decorate(command: F) -> F:
         for setting in reversed([s for s in SETTINGS if s.scope in scopes]):
             if setting.flag:
                 option = click.option(setting.option, setting.name, is_flag=True, help=setting.help)
@@ -68,15 +87,7 @@ def setting_options(*scopes: Scope) -> Callable[[F], F]:
                     help=setting.help_text,
                 )
             command = option(command)
-        command = click.option(
-            "--config",
-            "config_path",
-            type=click.Path(path_type=Path, dir_okay=False),
-            help="TOML config file with the same keys [default: /etc/petitkexec.toml if present].",
-        )(command)
-        return click.option(
-            "--json", "as_json", is_flag=True, help="Machine-readable output on stdout."
-        )(command)
+        return command
 
     return decorate
 
@@ -222,14 +233,26 @@ def snapshot(output: Path | None) -> None:
     "still be probing early in boot).",
 )
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output on stdout.")
-def verify(snapshot_path: Path, wait_s: float, as_json: bool) -> None:
+@report_options(Scope.REPORT)
+def verify(snapshot_path: Path, wait_s: float, as_json: bool, **given: Any) -> None:
     """After a kexec: is every PCI function of the snapshot back, with the driver it had?"""
+    import time
+
     from petitkexec.snapshot import load_snapshot
     from petitkexec.verify import verify_until
 
+    settings = resolve(given)  # only the command line: verify reads no config file
     before, _facts = load_snapshot(snapshot_path)
+    started = time.monotonic()
     differences = verify_until(_environment().topology, before, wait_s)
     failures = [d for d in differences if d.change.is_failure]
+    if settings.metrics is not None:
+        from petitkexec import metrics
+
+        found = metrics.verify_metrics(
+            len(before), differences, time.monotonic() - started, time.time()
+        )
+        metrics.write_textfile(settings.metrics, metrics.render(found))
     if as_json:
         _print_json(
             {
