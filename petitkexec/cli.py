@@ -211,8 +211,13 @@ def snapshot(output: Path | None) -> None:
     text = json.dumps(snapshot_to_json(environment.topology(), environment.facts()), indent=2)
     if output is None:
         click.echo(text)
-    else:
+        return
+    try:
         output.write_text(text + "\n")
+    except OSError as error:
+        raise UsageError(
+            "--output", str(output), f"cannot be written ({error.strerror})"
+        ) from error
 
 
 @cli.command(epilog=EXIT_CODES_HELP)
@@ -249,10 +254,9 @@ def verify(snapshot_path: Path, wait_s: float, as_json: bool, **given: Any) -> N
     if settings.metrics is not None:
         from petitkexec import metrics
 
-        found = metrics.verify_metrics(
-            len(before), differences, time.monotonic() - started, time.time()
-        )
-        metrics.write_textfile(settings.metrics, metrics.render(found))
+        seconds = time.monotonic() - started
+        found = metrics.verify_metrics(len(before), differences, seconds, time.time())
+        _write_metrics(settings.metrics, metrics.render(found))
     if as_json:
         _print_json(
             {
@@ -304,6 +308,26 @@ def install_systemd(root: Path, print_only: bool) -> None:
     _echo_err(f"petitkexec runs as: {command}")
 
 
+def _write_metrics(path: Path, text: str) -> None:
+    """A textfile that cannot be written is one line; the command's result and exit code stay
+    what they are (a metrics file never stands in the way of a handoff)."""
+    from petitkexec import metrics
+
+    try:
+        metrics.write_textfile(path, text)
+    except OSError as error:
+        _echo_err(f"--metrics {path}: not written ({error.strerror or error})")
+
+
+def _teardown_metrics(path: Path | None, report: TeardownReport) -> None:
+    if path is not None:
+        import time
+
+        from petitkexec import metrics
+
+        _write_metrics(path, metrics.render(metrics.teardown_metrics(report, time.time())))
+
+
 def _print_outcome(index: int, total: int, outcome: StepOutcome) -> None:
     from petitkexec.render import outcome_line
 
@@ -318,7 +342,7 @@ def _print_report(report: TeardownReport) -> None:
 
 
 @cli.command(epilog=EXIT_CODES_HELP)
-@setting_options(Scope.PLAN, Scope.EXECUTE)
+@setting_options(Scope.PLAN, Scope.EXECUTE, Scope.REPORT)
 def teardown(as_json: bool, **given: Any) -> None:
     """Execute the plan: unbind drivers, clear bus master, optionally reset buses."""
     from petitkexec.render import report_to_json
@@ -326,8 +350,10 @@ def teardown(as_json: bool, **given: Any) -> None:
     from petitkexec.run import teardown as run_teardown
 
     environment = _environment()
-    prepared = prepare(environment, _settings(given))
+    settings = _settings(given)
+    prepared = prepare(environment, settings)
     report = run_teardown(environment, prepared, _print_outcome)
+    _teardown_metrics(settings.metrics, report)
     if as_json:
         _print_json(report_to_json(report))
     _print_report(report)
@@ -335,7 +361,7 @@ def teardown(as_json: bool, **given: Any) -> None:
 
 
 @cli.command("exec", epilog=EXIT_CODES_HELP)
-@setting_options(Scope.PLAN, Scope.EXECUTE)
+@setting_options(Scope.PLAN, Scope.EXECUTE, Scope.REPORT)
 @click.option(
     "--load",
     "load_kernel",
@@ -396,7 +422,7 @@ def exec_command(
     Arguments after `--` go to `kexec -e`.
     """
     from petitkexec.handoff import LoadRequest, find_kexec
-    from petitkexec.run import ArmedWatchdog, HandoffRequest, exec_, prepare
+    from petitkexec.run import ArmedWatchdog, Handoff, HandoffRequest, exec_, prepare
 
     if append is not None and reuse_cmdline:
         raise UsageError("--append", append, "cannot be combined with --reuse-cmdline")
@@ -428,7 +454,14 @@ def exec_command(
             running_cmdline=_running_cmdline(environment) if reset_phbs else "",
         )
     request = HandoffRequest(kexec, syscall, strict, kexec_args, load, watchdog)
-    result = exec_(environment, prepared, request, _print_outcome, _handing_off)
+
+    def handing_off(report: TeardownReport, command: str) -> None:
+        _teardown_metrics(settings.metrics, report)  # the next boot reads it, if we are gone
+        _handing_off(report, command)
+
+    result = exec_(environment, prepared, request, _print_outcome, handing_off)
+    if result.handoff is not Handoff.FAILED:  # a failed handoff's file is already written
+        _teardown_metrics(settings.metrics, result.report)
     _print_exec_result(result, as_json)
     sys.exit(result.exit_code)
 

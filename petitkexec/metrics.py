@@ -1,4 +1,5 @@
-"""What `verify` found, in node_exporter's textfile format, for a fleet's dashboards.
+"""What a teardown did and what `verify` found, in node_exporter's textfile format, for a
+fleet's dashboards (`--metrics FILE`).
 
 node_exporter's textfile collector reads every `*.prom` file of its directory at each scrape.
 A file it read half-written would be a wrong sample, so the file is written under a temporary
@@ -16,6 +17,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from petitkexec.outcome import Status, TeardownReport
 from petitkexec.verify import Change, Difference
 
 SUFFIX = ".prom"  # the only files the textfile collector reads
@@ -78,7 +80,10 @@ def verify_metrics(
 
 
 def write_textfile(path: Path, text: str) -> None:
-    """Replace `path` with `text` atomically (a temporary file in its directory, renamed)."""
+    """Replace `path` with `text` atomically (a temporary file in its directory, renamed),
+    durably: `exec` writes right before the handoff, and the kernel does not sync file systems
+    at a kexec (kernel_kexec() goes from device_shutdown() to machine_kexec(); with --syscall
+    nothing else does either), so the file and the directory's new entry are flushed here."""
     # The temporary name does not end in .prom: the collector never reads it half-written.
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -91,3 +96,32 @@ def write_textfile(path: Path, text: str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    directory = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+
+
+def teardown_metrics(report: TeardownReport, finished_at: float) -> tuple[Metric, ...]:
+    """A teardown's wall time and its steps by how each ended; when it finished (Unix time)."""
+    return (
+        Metric(
+            "petitkexec_teardown_duration_seconds",
+            "How long the last teardown took (wall time).",
+            (("", report.wall_ms / 1000),),
+        ),
+        Metric(
+            "petitkexec_teardown_steps",
+            "Steps of the last teardown by how they ended (failed and hung: see its report).",
+            tuple(
+                (f'{{status="{status.value}"}}', sum(o.status is status for o in report.outcomes))
+                for status in Status
+            ),
+        ),
+        Metric(
+            "petitkexec_teardown_last_run_timestamp_seconds",
+            "When the last teardown finished (Unix time).",
+            (("", finished_at),),
+        ),
+    )

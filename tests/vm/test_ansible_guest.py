@@ -156,6 +156,8 @@ def test_each_boot_after_the_first_was_a_kexec(ansible_run: AnsibleRun) -> None:
     # the same QEMU process (-no-reboot: a reset would have ended it).
     assert [boot["loader"] for boot in boots] == [QEMU_LOADER, KEXEC_LOADER, KEXEC_LOADER]
     assert ansible_run.run.log.count("kexec_core: Starting new kernel") == 2
+    # SeaBIOS prints its banner on the serial console at every firmware boot: once here.
+    assert ansible_run.run.log.count("SeaBIOS (version ") == 1
     assert not ansible_run.run.timed_out
 
 
