@@ -43,6 +43,11 @@ the kernel refuses (``Module e1000e is blacklisted``), so 02:00.0 comes up witho
 and petitkexec-verify.service must fail naming it. The second boot prints
 ``SECOND-KEPT-OUT <module> loaded=yes|no`` (``/sys/module/<module>``) for each module kept out.
 
+With ``mode="ssh"`` nothing happens by itself: each boot (the first, and every kexec that
+reuses its command line) puts the run's key in root's authorized_keys, starts sshd on a
+virtio-net of its own (QEMU forwards 127.0.0.1:PORT to it) and prints ``PKTEST-SSH-READY``;
+`while_running` drives the guest from the host (tests/vm/test_ansible_guest.py: Ansible).
+
 QEMU is always killed at `timeout`, and `poweroff_grace` seconds after ``SECOND-DONE``.
 """
 
@@ -180,6 +185,17 @@ ssh)
     mkdir -p -m 0700 /root/.ssh
     echo "ssh-ed25519 $(arg pksshkey) pktest" >/root/.ssh/authorized_keys
     mkdir -p /var/lib/prometheus/node-exporter  # as if node_exporter were installed
+    if [ ! -e /var/lib/pktest-ssh-prepared ]; then
+        # Once per run (the disk outlives each kexec): the play installs petitkexec itself,
+        # so it is removed the way the image installed it (the .deb, or pip).
+        if dpkg-query -W -f='${Status}' petitkexec 2>/dev/null | grep -q 'ok installed'; then
+            dpkg -r petitkexec >/dev/null
+        else
+            python3 -m pip uninstall -q -y --break-system-packages petitkexec
+        fi
+        echo "PKTEST-UNINSTALLED petitkexec=$(command -v petitkexec || echo none)"
+        touch /var/lib/pktest-ssh-prepared
+    fi
     systemctl start systemd-networkd.service ssh.service
     echo "PKTEST-SSH-READY $marker sshd=$(systemctl is-active ssh.service) uptime=$(up)"
     ;;
