@@ -57,36 +57,6 @@ def throwaway_key(directory: Path) -> tuple[Path, str]:
     return key, (directory / "id_ed25519.pub").read_text().strip()
 
 
-def package(directory: Path) -> Path:
-    """The package the play installs: the .deb where the tree builds one
-    (tests/vm/debian_package.py), else a wheel of the working tree."""
-    try:
-        from . import debian_package  # type: ignore[attr-defined,unused-ignore]
-    except ImportError:
-        return wheel(directory)
-    return Path(debian_package.build_deb())
-
-
-def wheel(directory: Path) -> Path:
-    """petitkexec's wheel from the working tree."""
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "wheel",
-            "-q",
-            "--no-deps",
-            "-w",
-            str(directory),
-            str(REPO_ROOT),
-        ],
-        check=True,
-    )
-    (found,) = directory.glob("petitkexec-*.whl")
-    return found
-
-
 @dataclasses.dataclass(frozen=True)
 class PlayResult:
     returncode: int
