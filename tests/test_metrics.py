@@ -73,6 +73,8 @@ def test_verify_writes_its_metrics_when_asked(make_sim: SimFactory, tmp_path: Pa
     env = environment(sim, tmp_path)
     snapshot = tmp_path / "before.json"
     invoke(env, "snapshot", "-o", str(snapshot))
+    # `none` first, or "udev" binds it again at once (SimKernel.autoprobe)
+    sim.write(sim.device_dir("0000:02:00.0") / "driver_override", b"none")
     sim.write(sim.root / "bus/pci/drivers/e1000e/unbind", b"0000:02:00.0")
     textfile = tmp_path / "textfile" / "petitkexec.prom"
     textfile.parent.mkdir()
