@@ -33,7 +33,6 @@ import ast
 import io
 import json
 import lzma
-import os
 import shutil
 import subprocess
 import sys
@@ -129,22 +128,26 @@ def imported_names(package: Path) -> list[str]:
     return sorted(names - {"__future__"})
 
 
-def run_dumped(
-    python: str, entries: list[str], args: list[str], stdin: str = ""
-) -> dict[str, str]:
+def run_dumped(python: str, entries: list[str], args: list[str], stdin: str = "") -> dict[str, str]:
     """Run one command path with `python -I -S`, petitkexec and its dependencies found in
     entries (the archive, or the source tree and site-packages), and return every module it
     had loaded at exit (name -> file, '' when built in)."""
     done = subprocess.run(
-        [python, "-I", "-S", "-c", DUMPER, json.dumps(OPTIONAL), json.dumps(entries),
-         json.dumps(args)],
+        [
+            python,
+            "-I",
+            "-S",
+            "-c",
+            DUMPER,
+            json.dumps(OPTIONAL),
+            json.dumps(entries),
+            json.dumps(args),
+        ],
         input=stdin,
         capture_output=True,
         text=True,
     )
-    line = next(
-        (x for x in reversed(done.stderr.splitlines()) if x.startswith("CLOSURE ")), None
-    )
+    line = next((x for x in reversed(done.stderr.splitlines()) if x.startswith("CLOSURE ")), None)
     if line is None or "Traceback" in done.stderr:
         raise RuntimeError(f"{args}: no clean module report\n{done.stderr[-3000:]}")
     report = json.loads(line.removeprefix("CLOSURE "))
@@ -220,6 +223,22 @@ def target_file(relative: str) -> str:
     return relative
 
 
+def closure_files(names: Iterable[str], root: Path) -> dict[str, str]:
+    """The closure list's names -> their files in the target's stdlib ('' when built into the
+    interpreter), the form build_runtime() takes."""
+    stdlib = root / "usr" / "lib" / "python3.11"
+    files = {}
+    for name in names:
+        relative = name.replace(".", "/")
+        candidates = (
+            f"{relative}/__init__.py",
+            f"{relative}.py",
+            f"lib-dynload/{relative}.cpython-311-{TARGET}.so",
+        )
+        files[name] = next((c for c in candidates if (stdlib / c).exists()), "")
+    return files
+
+
 def needed_libraries(objects: Iterable[Path], root: Path) -> dict[str, Path]:
     """The shared libraries those ELF objects need, transitively, found in root (no glibc)."""
     search = [root / "lib" / TARGET, root / "usr" / "lib" / TARGET]
@@ -253,7 +272,9 @@ def compile_stdlib(python: str, sources: dict[str, Path], out: Path) -> None:
         "    py_compile.compile(src, cfile=dst, doraise=True,"
         " invalidation_mode=py_compile.PycInvalidationMode.UNCHECKED_HASH)\n"
     )
-    subprocess.run([python, "-I", "-S", "-c", script], input=json.dumps(jobs), text=True, check=True)
+    subprocess.run(
+        [python, "-I", "-S", "-c", script], input=json.dumps(jobs), text=True, check=True
+    )
 
 
 def build_runtime(
@@ -324,8 +345,9 @@ def cpio(out: Path, files: Iterable[Path]) -> bytes:
         if full.is_dir():
             archive += _newc(ino, str(member), 0o40755)
         else:
-            archive += _newc(ino, str(member), 0o100000 | (full.stat().st_mode & 0o777),
-                             full.read_bytes())
+            archive += _newc(
+                ino, str(member), 0o100000 | (full.stat().st_mode & 0o777), full.read_bytes()
+            )
     return bytes(archive + _newc(len(members) + 1, "TRAILER!!!", 0))
 
 
