@@ -31,7 +31,7 @@ from petitkexec.outcome import TeardownReport
 from petitkexec.plan import Plan, build_plan
 from petitkexec.preflight import PreflightInput, check_can_hand_off, check_can_tear_down
 from petitkexec.settings import Settings
-from petitkexec.watchdog import Watchdog, arm, disarm, stop_on_reboot
+from petitkexec.watchdog import Watchdog, arm, disarm, why_it_stops
 
 
 # eq=False: equal only to itself; nothing compares one (no __eq__/__hash__ to compile at start)
@@ -162,11 +162,11 @@ def exec_(
         )
     )
     if request.watchdog is not None:
-        why = stop_on_reboot(environment.sysfs_root, request.watchdog.watchdog)
+        why = why_it_stops(environment.sysfs_root, request.watchdog.watchdog)
         if why is not None:
             raise PreflightRefused(
                 f"--watchdog: the running kernel would stop {request.watchdog.watchdog.name} "
-                f"at the kexec: {why}",
+                f"before the next kernel runs: {why}",
                 hint="nothing was touched; without --watchdog a hung next kernel is not reset",
             )
     if request.load is not None and not dry_run:
