@@ -441,6 +441,8 @@ def _print_exec_result(result: ExecResult, as_json: bool) -> None:
             f"handoff failed: {' '.join(result.failure.command)} returned "
             f"{result.failure.returncode}: {result.failure.output}"
         )
+        if result.signalled is not None:
+            _echo_err(f"interrupted by {result.signalled} during the handoff")
         for line in rollback_lines(result.rollback):
             _echo_err(line)
         if result.watchdog_after is not None:

@@ -18,6 +18,8 @@ class UndoKind(Enum):
     RESTORE_COMMAND = "restore-command"  # write PCI_COMMAND back as it was
     REENABLE = "re-enable"  # `enable` ← 1 as many times as the count was
     RESTORE_SRIOV = "restore-sriov"  # `sriov_numvfs` ← the count unbinding the PF removed
+    RESTORE_OVERRIDE = "restore-override"  # driver_override put back on an unbound function
+    RESTORE_AUTOPROBE = "restore-autoprobe"  # `sriov_drivers_autoprobe` ← 1, after the VFs
 
 
 @dataclass(frozen=True)
@@ -31,10 +33,17 @@ class Undo:
     command: int | None = None
     enable_count: int = 0
     numvfs: int = 0
+    # The child whose `unbind` write was abandoned at its deadline and may still be in
+    # remove(): 0 when the unbind returned.
+    abandoned_pid: int = 0
 
     def describe(self) -> str:
         if self.kind is UndoKind.REBIND:
             return f"rebind {self.bdf} to {self.driver}"
+        if self.kind is UndoKind.RESTORE_OVERRIDE:
+            return f"restore driver_override {self.driver_override or '(none)'} on {self.bdf}"
+        if self.kind is UndoKind.RESTORE_AUTOPROBE:
+            return f"turn sriov_drivers_autoprobe back on for {self.bdf}"
         if self.kind is UndoKind.RESTORE_COMMAND:
             return f"restore COMMAND {self.command:#06x} on {self.bdf}"
         if self.kind is UndoKind.RESTORE_SRIOV:
@@ -65,48 +74,127 @@ class Journal:
         self.entries.append(undo)
 
     def rollback(self, kernel: Kernel) -> list[UndoResult]:
-        """Undo in reverse order, best effort: one failure does not stop the others."""
-        results = []
-        while self.entries:
-            undo = self.entries.pop()
+        """Undo in reverse order, best effort: one failure does not stop the others. What an
+        undo leaves to do once the others are done (autoprobe turned back on after the VFs
+        are bound) comes last."""
+        results: list[UndoResult] = []
+        afterwards: list[Undo] = []
+        while self.entries or afterwards:
+            undo = self.entries.pop() if self.entries else afterwards.pop()
             try:
-                _apply(kernel, undo, self.undo_timeout_s)
-            except KernelWriteFailed as error:
+                done = _apply(kernel, undo, self.undo_timeout_s)
+            except (KernelWriteFailed, UndoFailed) as error:
                 results.append(UndoResult(undo, False, str(error)))
             else:
-                results.append(UndoResult(undo, True))
+                if isinstance(done, Undo):
+                    afterwards.append(done)
+                    done = ""
+                results.append(UndoResult(undo, True, done))
         return results
 
 
-def _apply(kernel: Kernel, undo: Undo, timeout_s: float) -> None:
+class UndoFailed(Exception):
+    """An undo that ran but did not leave the function as it was; says what is there."""
+
+
+def _apply(kernel: Kernel, undo: Undo, timeout_s: float) -> Undo | str:
+    """Put one change back; returns what to say about it, or an undo to run at the end."""
     if not kernel.exists(undo.bdf):
         raise KernelWriteFailed(str(kernel.device_dir(undo.bdf)), errno.ENODEV, "device is gone")
     if undo.kind is UndoKind.REBIND:
-        assert undo.driver is not None
-        driver = undo.driver
-        kernel.set_driver_override(undo.bdf, undo.driver_override)
-        if kernel.driver(undo.bdf) is None:
-            _wait(kernel, f"bind {driver}", lambda: kernel.start_bind(undo.bdf, driver, timeout_s))
-    elif undo.kind is UndoKind.RESTORE_COMMAND:
+        return _rebind(kernel, undo, timeout_s)
+    if undo.kind is UndoKind.RESTORE_COMMAND:
         assert undo.command is not None
         kernel.write_command(undo.bdf, undo.command)
+    elif undo.kind is UndoKind.RESTORE_OVERRIDE:
+        kernel.set_driver_override(undo.bdf, undo.driver_override)
     elif undo.kind is UndoKind.RESTORE_SRIOV:
-        if kernel.read_sriov_numvfs(undo.bdf) != undo.numvfs:
-            _wait(
-                kernel,
-                "sriov_numvfs",
-                lambda: kernel.start_set_sriov_numvfs(undo.bdf, undo.numvfs, timeout_s),
-            )
+        return _restore_sriov(kernel, undo, timeout_s)
+    elif undo.kind is UndoKind.RESTORE_AUTOPROBE:
+        kernel.write_sriov_drivers_autoprobe(undo.bdf, True)
     else:
         for _ in range(undo.enable_count):
             kernel.write_enable(undo.bdf, True)
+    return ""
 
 
-def _wait(kernel: Kernel, what: str, start: Callable[[], Child]) -> None:
-    """Run one blocking write in a child and wait for it, up to its deadline."""
+def _rebind(kernel: Kernel, undo: Undo, timeout_s: float) -> str:
+    """Bind the journalled driver through driver_override, then put the override back.
+
+    The override makes pci_match_device() pick exactly that driver (vfio-pci has no ID table
+    to match), and lets a VF probe while its PF's sriov_drivers_autoprobe is 0
+    (pci_device_can_probe()). Success is the driver read back, not the write's answer: a
+    function may already sit on another driver (recreated VFs are autoprobed)."""
+    bdf, driver = undo.bdf, undo.driver
+    assert driver is not None
+    if undo.abandoned_pid:
+        # The abandoned remove() may still hold device_lock: if it does, the override written
+        # here lands when it returns, and the function is left unbound but bindable.
+        _set_override(
+            kernel,
+            undo,
+            undo.driver_override,
+            timeout_s,
+            stuck=f"remove() (child {undo.abandoned_pid}) still holds device_lock: "
+            f"driver_override {undo.driver_override or '(none)'} is written when it returns, "
+            "leaving the function unbound but bindable",
+        )
+    if kernel.driver(bdf) is None:
+        _set_override(kernel, undo, driver, timeout_s)
+        try:
+            _wait(f"bind {driver}", lambda: kernel.start_bind(bdf, driver, timeout_s))
+        finally:
+            _set_override(kernel, undo, undo.driver_override, timeout_s)
+    elif not undo.abandoned_pid:
+        _set_override(kernel, undo, undo.driver_override, timeout_s)
+    now = kernel.driver(bdf)
+    if now != driver:
+        raise UndoFailed(f"bound to {now}, not {driver}" if now else f"{driver} did not bind")
+    return ""
+
+
+def _set_override(
+    kernel: Kernel, undo: Undo, value: str | None, timeout_s: float, stuck: str = ""
+) -> None:
+    """driver_set_override() takes device_lock, which a remove() or probe() that did not
+    return may still hold: the write waits in a child, never in this process."""
+    _wait(
+        "driver_override",
+        lambda: kernel.start_set_driver_override(undo.bdf, value, timeout_s),
+        stuck=stuck,
+    )
+
+
+def _restore_sriov(kernel: Kernel, undo: Undo, timeout_s: float) -> Undo | str:
+    """sriov_numvfs_store() adds the VFs (pci_iov_add_virtfn()) and, with the PF's
+    sriov_drivers_autoprobe on, probes whatever driver matches them first: not necessarily
+    the one each VF had. Autoprobe stays off until the VFs' own rebinds have run."""
+    bdf = undo.bdf
+    if kernel.read_sriov_numvfs(bdf) == undo.numvfs:
+        return ""
+    autoprobe_was_on = kernel.read_sriov_drivers_autoprobe(bdf) is True
+    if autoprobe_was_on:
+        kernel.write_sriov_drivers_autoprobe(bdf, False)
+    try:
+        _wait(
+            "sriov_numvfs",
+            lambda: kernel.start_set_sriov_numvfs(bdf, undo.numvfs, timeout_s),
+        )
+    except KernelWriteFailed:
+        if autoprobe_was_on:
+            kernel.write_sriov_drivers_autoprobe(bdf, True)
+        raise
+    return Undo(UndoKind.RESTORE_AUTOPROBE, bdf) if autoprobe_was_on else ""
+
+
+def _wait(what: str, start: Callable[[], Child], stuck: str = "") -> None:
+    """Run one blocking write in a child and wait for it, up to its deadline (then `stuck`,
+    if given, says what that means)."""
     child = start()
     _child, result = wait_first([child])
     if not result.finished:
+        if stuck:
+            raise UndoFailed(stuck)
         raise KernelWriteFailed(
             what, errno.ETIMEDOUT, f"no answer within {child.timeout_s:g} s (child abandoned)"
         )

@@ -63,21 +63,24 @@ class Unbinder:
         result: ChildResult,
     ) -> StepOutcome:
         bdf, kernel = step.bdf, self.kernel
-        if not result.finished and timeout_s < self.timeout_s:
-            # Cut short by --time-limit, not past its own deadline: slow, not known to hang.
-            return StepOutcome(
-                step,
-                Status.FAILED,
-                f"{driver} remove() still running when the time limit ran out "
-                f"(after {round(timeout_s, 1):g} s; child {result.pid} abandoned)",
-                driver_after=kernel.driver(bdf),
-            )
         if not result.finished:
+            # The write to `unbind` has not returned, whatever brought its deadline (its own
+            # or --time-limit's): remove() still holds device_lock, which device_shutdown()
+            # takes at kexec, so the handoff would block on it. The write cannot be
+            # interrupted (SIGKILL waits for it) and, when remove() does return, the device
+            # is unbound with driver_override "none": journalled, so the rollback puts the
+            # override back and binds the driver again.
+            self._record_rebind(bdf, driver, original_override, numvfs, abandoned=result.pid)
+            seconds = f"{round(timeout_s, 1):g} s"
+            when = (
+                f"still running when the time limit ran out (after {seconds}; "
+                if timeout_s < self.timeout_s
+                else f"did not return within {seconds} ("
+            )
             return StepOutcome(
                 step,
                 Status.HUNG,
-                f"{driver} remove() did not return within {round(timeout_s, 1):g} s "
-                f"(child {result.pid} abandoned; {step.reason})",
+                f"{driver} remove() {when}child {result.pid} abandoned; {step.reason})",
                 driver_after=kernel.driver(bdf),
             )
         if not kernel.exists(bdf):
@@ -101,12 +104,23 @@ class Unbinder:
         return self.bus_master.after_unbind(step, f"unbound from {driver}")
 
     def _record_rebind(
-        self, bdf: Bdf, driver: str, original_override: str | None, numvfs: int | None
+        self,
+        bdf: Bdf,
+        driver: str,
+        original_override: str | None,
+        numvfs: int | None,
+        abandoned: int = 0,
     ) -> None:
         # Undone last first: the PF is bound again, then its VFs are created, then the VFs'
         # own rebinds (journalled earlier, VFs go first) find them.
         if numvfs:
             self.journal.record(Undo(UndoKind.RESTORE_SRIOV, bdf, numvfs=numvfs))
         self.journal.record(
-            Undo(UndoKind.REBIND, bdf, driver=driver, driver_override=original_override)
+            Undo(
+                UndoKind.REBIND,
+                bdf,
+                driver=driver,
+                driver_override=original_override,
+                abandoned_pid=abandoned,
+            )
         )
