@@ -17,6 +17,7 @@ from petitkexec.kernel import Kernel
 from petitkexec.model import Topology
 from petitkexec.outcome import Pending, Status, StepOutcome, TeardownReport
 from petitkexec.plan import Action, Plan, Step
+from petitkexec.readback import read_back
 from petitkexec.settings import MAX_AUTO_JOBS, ExecutionOptions
 from petitkexec.signals import StopSignals
 from petitkexec.unbind import Unbinder
@@ -173,6 +174,24 @@ class Teardown:
         with self.signals.installed():  # a signal now is recorded, never cuts it short
             return tuple(self.journal.rollback(self.kernel))
 
+    def read_back(self, report: TeardownReport) -> TeardownReport:
+        """Right before the handoff: what a late probe or a COMMAND write brought back is a
+        failed step; bus mastering on again that cannot be cleared stops the run
+        (petitkexec.readback)."""
+        if self.options.dry_run or report.stopped_because is not None:
+            return report
+        looked = read_back(self.kernel, self.topology, self.bus_master, report.outcomes)
+        if not looked.came_back:
+            return report
+        if looked.stop_because is None:
+            return dataclasses.replace(report, outcomes=looked.outcomes)
+        return dataclasses.replace(
+            report,
+            outcomes=looked.outcomes,
+            stopped_because=looked.stop_because,
+            rollback=self.rollback(),
+        )
+
     def stop_if_signalled(self, report: TeardownReport) -> TeardownReport:
         """A stop signal that came after the step loop (the read-back, the handoff's
         preparations): the run is stopped and rolled back as if it came during the loop."""
@@ -201,7 +220,7 @@ class Teardown:
                 command_after=self.kernel.read_command(step.bdf),
             )
         if step.action is Action.CLEAR_BUS_MASTER:
-            return self.bus_master.clear(step)
+            return self.bus_master.hold_off_probes(self.bus_master.clear(step))
         return self._wait(self._begin(step))
 
     def _wait(self, started: StepOutcome | Pending) -> StepOutcome:

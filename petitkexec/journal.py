@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -41,7 +42,7 @@ class Undo:
         if self.kind is UndoKind.REBIND:
             return f"rebind {self.bdf} to {self.driver}"
         if self.kind is UndoKind.RESTORE_OVERRIDE:
-            return f"restore driver_override {self.driver_override or '(none)'} on {self.bdf}"
+            return f"restore driver_override {self.driver_override or '(null)'} on {self.bdf}"
         if self.kind is UndoKind.RESTORE_AUTOPROBE:
             return f"turn sriov_drivers_autoprobe back on for {self.bdf}"
         if self.kind is UndoKind.RESTORE_COMMAND:
@@ -128,41 +129,33 @@ def _rebind(kernel: Kernel, undo: Undo, timeout_s: float) -> str:
     bdf, driver = undo.bdf, undo.driver
     assert driver is not None
     if undo.abandoned_pid:
-        # The abandoned remove() may still hold device_lock: if it does, the override written
-        # here lands when it returns, and the function is left unbound but bindable.
-        _set_override(
-            kernel,
-            undo,
-            undo.driver_override,
-            timeout_s,
+        # driver_set_override() takes device_lock, which the abandoned remove() may still
+        # hold: the write waits in a child, and if remove() has not returned by its deadline
+        # the override lands when it does, leaving the function unbound but bindable.
+        value = undo.driver_override
+        _wait(
+            "driver_override",
+            lambda: kernel.start_set_driver_override(bdf, value, timeout_s),
             stuck=f"remove() (child {undo.abandoned_pid}) still holds device_lock: "
-            f"driver_override {undo.driver_override or '(none)'} is written when it returns, "
+            f"driver_override {value or '(null)'} is written when it returns, "
             "leaving the function unbound but bindable",
         )
     if kernel.driver(bdf) is None:
-        _set_override(kernel, undo, driver, timeout_s)
+        kernel.set_driver_override(bdf, driver)
         try:
             _wait(f"bind {driver}", lambda: kernel.start_bind(bdf, driver, timeout_s))
-        finally:
-            _set_override(kernel, undo, undo.driver_override, timeout_s)
-    elif not undo.abandoned_pid:
-        _set_override(kernel, undo, undo.driver_override, timeout_s)
+        except KernelWriteFailed as error:
+            # A probe() that did not return holds device_lock: the override stays on the
+            # journalled driver rather than this process waiting with it.
+            if error.errno != errno.ETIMEDOUT:
+                kernel.set_driver_override(bdf, undo.driver_override)
+            raise
+    if not undo.abandoned_pid or kernel.driver(bdf) == driver:
+        kernel.set_driver_override(bdf, undo.driver_override)
     now = kernel.driver(bdf)
     if now != driver:
         raise UndoFailed(f"bound to {now}, not {driver}" if now else f"{driver} did not bind")
     return ""
-
-
-def _set_override(
-    kernel: Kernel, undo: Undo, value: str | None, timeout_s: float, stuck: str = ""
-) -> None:
-    """driver_set_override() takes device_lock, which a remove() or probe() that did not
-    return may still hold: the write waits in a child, never in this process."""
-    _wait(
-        "driver_override",
-        lambda: kernel.start_set_driver_override(undo.bdf, value, timeout_s),
-        stuck=stuck,
-    )
 
 
 def _restore_sriov(kernel: Kernel, undo: Undo, timeout_s: float) -> Undo | str:
@@ -172,19 +165,22 @@ def _restore_sriov(kernel: Kernel, undo: Undo, timeout_s: float) -> Undo | str:
     bdf = undo.bdf
     if kernel.read_sriov_numvfs(bdf) == undo.numvfs:
         return ""
-    autoprobe_was_on = kernel.read_sriov_drivers_autoprobe(bdf) is True
-    if autoprobe_was_on:
-        kernel.write_sriov_drivers_autoprobe(bdf, False)
+    turned_off = False
+    if kernel.read_sriov_drivers_autoprobe(bdf) is True:
+        # Best effort: refused, the VFs are autoprobed and their rebinds say where they are.
+        with contextlib.suppress(KernelWriteFailed):
+            kernel.write_sriov_drivers_autoprobe(bdf, False)
+            turned_off = True
     try:
         _wait(
             "sriov_numvfs",
             lambda: kernel.start_set_sriov_numvfs(bdf, undo.numvfs, timeout_s),
         )
     except KernelWriteFailed:
-        if autoprobe_was_on:
+        if turned_off:
             kernel.write_sriov_drivers_autoprobe(bdf, True)
         raise
-    return Undo(UndoKind.RESTORE_AUTOPROBE, bdf) if autoprobe_was_on else ""
+    return Undo(UndoKind.RESTORE_AUTOPROBE, bdf) if turned_off else ""
 
 
 def _wait(what: str, start: Callable[[], Child], stuck: str = "") -> None:

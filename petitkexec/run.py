@@ -70,7 +70,7 @@ def teardown(
         check_can_tear_down(environment.euid, prepared.plan)
     run = _teardown(environment, prepared, on_outcome)
     with _guarded(run):
-        return run.stop_if_signalled(_timed_run(run))
+        return run.stop_if_signalled(run.read_back(_timed_run(run)))
 
 
 class Handoff(Enum):
@@ -180,10 +180,11 @@ def exec_(
             )
     run = _teardown(environment, prepared, on_outcome)
     with _guarded(run):
-        report = run.stop_if_signalled(_timed_run(run))
+        report = _timed_run(run)
         command = request.describe()
         if dry_run:
             return ExecResult(report, Handoff.DRY_RUN, command)
+        report = run.stop_if_signalled(run.read_back(report))
         if not report.handoff_safe:
             return ExecResult(report, Handoff.STOPPED, command)
         if request.strict and report.failed:

@@ -36,7 +36,9 @@ class Unbinder:
         if not kernel.exists(bdf):
             return StepOutcome(step, Status.GONE, "function is gone")
         if driver is None:
-            return self.bus_master.after_unbind(step, "driver already gone")
+            return self.bus_master.hold_off_probes(
+                self.bus_master.after_unbind(step, "driver already gone")
+            )
         original_override = kernel.driver_override(bdf)
         # pci_device_remove() disables SR-IOV and removes the VFs; rebinding the PF does not
         # bring them back, so the rollback needs the count.

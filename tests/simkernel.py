@@ -17,6 +17,7 @@ function that vanishes. All state lives in files, because unbind runs in a forke
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import os
@@ -61,6 +62,9 @@ class SimFunction:
     probe_hangs: bool = False  # a rebind's probe() waiting on a lock that is never released
     remove_seconds: float = 0.0  # how long remove() takes (NVMe shutdown, NIC firmware)
     reset_seconds: float = 0.0  # how long a secondary bus reset below this bridge takes
+    # A VF recreated through sriov_numvfs with its PF's sriov_drivers_autoprobe on is probed
+    # by the first matching driver (the PF's VF driver), not necessarily the one it had.
+    autoprobe_driver: str | None = None
 
     @property
     def address(self) -> Bdf:
@@ -142,6 +146,7 @@ class SimKernel:
             (directory / name).write_text(value + "\n")
         if self.vfs_of(function.bdf):
             (directory / "sriov_numvfs").write_text(f"{len(self.vfs_of(function.bdf))}\n")
+            (directory / "sriov_drivers_autoprobe").write_text("1\n")
         if function.reset_methods:
             (directory / "reset_method").write_text(" ".join(function.reset_methods) + "\n")
             (directory / "reset").write_text("")
@@ -335,6 +340,15 @@ class SimKernel:
         override = self.attribute(bdf, "driver_override")
         if self.driver_of(bdf) is not None or override not in ("(null)", driver):
             raise OSError(errno.ENODEV, "No such device")
+        physfn = self.by_bdf[bdf].physfn
+        # pci_device_can_probe(): a VF without driver_override probes only while its PF's
+        # sriov_drivers_autoprobe is on.
+        if (
+            physfn
+            and override == "(null)"
+            and self.attribute(physfn, "sriov_drivers_autoprobe") == "0"
+        ):
+            raise OSError(errno.ENODEV, "No such device")
         if self.by_bdf[bdf].probe_hangs:
             time.sleep(3600)  # killed by the caller's deadline
         self._attach(bdf, driver)
@@ -380,10 +394,21 @@ class SimKernel:
         current = int(self.attribute(bdf, "sriov_numvfs"))
         if current and wanted and current != wanted:
             raise OSError(errno.EBUSY, "Device or resource busy")  # disable first
+        autoprobe = self.attribute(bdf, "sriov_drivers_autoprobe") == "1"
         for vf in vfs[:wanted]:
             if not self.exists(vf.bdf):
-                self._build(vf)
+                # pci_iov_add_virtfn(): probed now only if the PF's autoprobe is on
+                # (pci_device_can_probe()), by the first driver that matches.
+                probed = (vf.autoprobe_driver or vf.driver) if autoprobe else None
+                self._build(dataclasses.replace(vf, driver=probed))
         (self.device_dir(bdf) / "sriov_numvfs").write_text(f"{wanted}\n")
+
+    def _write_sriov_drivers_autoprobe(
+        self, bdf: str, text: str, _data: bytes, _offset: int | None
+    ) -> None:
+        if text not in ("0", "1"):
+            raise OSError(errno.EINVAL, "Invalid argument")  # kstrtobool()
+        (self.device_dir(bdf) / "sriov_drivers_autoprobe").write_text(f"{text}\n")
 
     def _write_reset_method(self, bdf: str, text: str, _data: bytes, _offset: int | None) -> None:
         methods = self.by_bdf[bdf].reset_methods if text == "default" else tuple(text.split())

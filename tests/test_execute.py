@@ -177,7 +177,10 @@ def test_hung_remove_one_at_a_time_stops_at_once_and_rolls_back(make_sim: SimFac
     assert sim.driver_of("0000:00:03.0") == "e1000e"
     assert sim.attribute("0000:00:03.0", "driver_override") == "(null)"
     assert sim.driver_of("0000:00:05.0") == "ahci"
-    assert [r.ok for r in report.rollback] == [True, True]
+    # The abandoned unbind is journalled too: its driver_override put back, in a child.
+    assert report.rollback[0].undo.describe() == "rebind 0000:00:04.0 to virtio-pci"
+    assert [r.ok for r in report.rollback] == [True, True, True]
+    assert sim.attribute("0000:00:04.0", "driver_override") == "(null)"
 
 
 def test_hung_remove_side_by_side_lets_the_others_in_flight_finish_then_rolls_back(

@@ -20,7 +20,7 @@ import petitkexec.cli
 from petitkexec.errors import ExitCode
 from tests.clirun import environment, fake_kexec, invoke, shell_script
 from tests.conftest import SimFactory
-from tests.simkernel import SimFunction, SimKernel
+from tests.simkernel import SimFunction, SimKernel, root_port
 
 NIC = "0000:02:00.0"
 NVME_PF = "0000:01:00.0"
@@ -198,3 +198,41 @@ def test_5_the_rollback_after_an_error_waits_for_the_unbinds_still_running(
     assert "rolled back 6 changes" in result.stderr
     time.sleep(0.8)  # long enough for any unbind the rollback did not wait for to land
     assert bound(sim) == before
+
+
+# 8. SR-IOV rollback: each VF ends on the driver it had, and the undo says what is there
+def sriov_nic() -> list[SimFunction]:
+    """A PF whose VFs were handed to vfio-pci; recreated, they would autoprobe ixgbevf."""
+    vf = {"parent": "0000:00:02.0", "physfn": "0000:01:00.0", "driver": "vfio-pci"}
+    return [
+        root_port("0000:00:02.0"),
+        SimFunction("0000:01:00.0", parent="0000:00:02.0", driver="ixgbe", multifunction=True),
+        SimFunction("0000:01:00.1", autoprobe_driver="ixgbevf", **vf),  # type: ignore[arg-type]
+        SimFunction("0000:01:00.2", autoprobe_driver="ixgbevf", **vf),  # type: ignore[arg-type]
+    ]
+
+
+def test_8_a_rolled_back_vf_ends_on_its_own_driver_not_the_autoprobed_one(
+    tmp_path: Path,
+) -> None:
+    sim = SimKernel(tmp_path / "sys", sriov_nic())
+    for vf in ("0000:01:00.1", "0000:01:00.2"):
+        (sim.device_dir(vf) / "driver_override").write_text("vfio-pci\n")
+    result = invoke(environment(sim, tmp_path), "exec", "--kexec", str(fake_kexec(tmp_path, sim)))
+    assert result.exit_code == ExitCode.HANDOFF_FAILED
+    for vf in ("0000:01:00.1", "0000:01:00.2"):
+        assert sim.driver_of(vf) == "vfio-pci", vf
+        assert sim.attribute(vf, "driver_override") == "vfio-pci"
+        assert f"rollback: rebind {vf} to vfio-pci: ok" in result.stderr
+    assert sim.attribute("0000:01:00.0", "sriov_drivers_autoprobe") == "1"
+    assert "rollback: turn sriov_drivers_autoprobe back on for 0000:01:00.0: ok" in result.stderr
+
+
+def test_8_a_vf_that_ends_on_another_driver_is_reported_as_it_is(tmp_path: Path) -> None:
+    sim = SimKernel(tmp_path / "sys", sriov_nic())
+    sim.fail_write("0000:01:00.0", "sriov_drivers_autoprobe", errno.EACCES)  # cannot turn off
+    result = invoke(environment(sim, tmp_path), "exec", "--kexec", str(fake_kexec(tmp_path, sim)))
+    assert result.exit_code == ExitCode.HANDOFF_FAILED
+    assert "rollback: rebind 0000:01:00.1 to vfio-pci: bound to ixgbevf, not vfio-pci" in (
+        result.stderr
+    )

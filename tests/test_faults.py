@@ -388,7 +388,7 @@ def test_17_kexec_is_never_taken_from_the_working_directory(
 def test_17_an_unexpected_error_after_the_teardown_began_rolls_back_and_exits_70(
     make_sim: SimFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def broken_handoff(*_args: object) -> None:
+    def broken_handoff(*_args: object, **_kwargs: object) -> None:
         raise FileNotFoundError(2, "No such file or directory", "kexec")
 
     monkeypatch.setattr(petitkexec.run, "execute_loaded_kernel", broken_handoff)
