@@ -12,6 +12,7 @@ import functools
 import time
 from dataclasses import dataclass, field
 
+from petitkexec.attributes import parse_count
 from petitkexec.bdf import Bdf
 from petitkexec.busmaster import BusMasterClearer
 from petitkexec.deadline import Budget, ChildResult
@@ -20,6 +21,28 @@ from petitkexec.journal import Journal, Undo, UndoKind
 from petitkexec.kernel import Kernel
 from petitkexec.outcome import Pending, Status, StepOutcome
 from petitkexec.plan import Step
+
+# NVMe: remove() shuts the controller down and waits for it (nvme_disable_ctrl() →
+# nvme_wait_ready()) up to ctrl->shutdown_timeout, which nvme_init_identify() sets from the
+# controller's RTD3E clamped to [nvme_core.shutdown_timeout, 60] s (the parameter alone when
+# RTD3E is 0). RTD3E itself needs an Identify Controller admin command, which petitkexec does
+# not send; the clamp bounds it. That wait checks fatal_signal_pending(): an unbind child
+# SIGKILLed at a shorter deadline would cut a healthy drive's shutdown short.
+NVME_DRIVER = "nvme"
+NVME_SHUTDOWN_CEILING_S = 60  # the clamp's upper bound in nvme_init_identify()
+NVME_DEFAULT_SHUTDOWN_TIMEOUT_S = 5  # nvme_core.shutdown_timeout's default
+NVME_REMOVE_MARGIN_S = 2  # remove()'s own work around the shutdown wait
+
+
+def unbind_deadline_s(kernel: Kernel, driver: str, configured_s: float) -> float:
+    """The unbind deadline that fits the driver: --unbind-timeout, or longer for a driver
+    whose remove() is known to wait longer for its device."""
+    if driver != NVME_DRIVER:
+        return configured_s
+    parameter = parse_count(kernel.module_parameter("nvme_core", "shutdown_timeout"))
+    floor_s = NVME_DEFAULT_SHUTDOWN_TIMEOUT_S if parameter is None else parameter
+    shutdown_s = max(floor_s, NVME_SHUTDOWN_CEILING_S)
+    return max(configured_s, shutdown_s + NVME_REMOVE_MARGIN_S)
 
 
 @dataclass(frozen=True)
@@ -50,9 +73,12 @@ class Unbinder:
             return StepOutcome(
                 step, Status.FAILED, f"driver_override: {error}", driver_after=driver
             )
-        timeout_s = self.budget.clip(self.timeout_s)
+        own_deadline_s = unbind_deadline_s(kernel, driver, self.timeout_s)
+        timeout_s = self.budget.clip(own_deadline_s)
         child = kernel.start_unbind(bdf, driver, timeout_s)
-        finish = functools.partial(self._finish, step, driver, original_override, numvfs, timeout_s)
+        finish = functools.partial(
+            self._finish, step, driver, original_override, numvfs, timeout_s, own_deadline_s
+        )
         return Pending(step, child, began, finish)
 
     def _finish(
@@ -62,6 +88,7 @@ class Unbinder:
         original_override: str | None,
         numvfs: int | None,
         timeout_s: float,
+        own_deadline_s: float,
         result: ChildResult,
     ) -> StepOutcome:
         bdf, kernel = step.bdf, self.kernel
@@ -76,7 +103,7 @@ class Unbinder:
             seconds = f"{round(timeout_s, 1):g} s"
             when = (
                 f"still running when the time limit ran out (after {seconds}; "
-                if timeout_s < self.timeout_s
+                if timeout_s < own_deadline_s
                 else f"did not return within {seconds} ("
             )
             return StepOutcome(

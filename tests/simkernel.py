@@ -262,6 +262,19 @@ class SimKernel:
     def fail_write(self, bdf: str, attribute: str, code: int) -> None:
         self.failing_writes[(bdf, attribute)] = code
 
+    def late_probe(self, bdf: str, driver: str, *, under_way: bool = False) -> bool:
+        """udev's modprobe or a deferred probe reaching an unbound function: it binds unless
+        driver_override names another driver (pci_match_device()), and probe turns bus
+        mastering on. `under_way`: the probe had matched before the override was written."""
+        override = self.attribute(bdf, "driver_override")
+        if self.driver_of(bdf) is not None or (
+            override not in ("(null)", driver) and not under_way
+        ):
+            return False
+        self._attach(bdf, driver)
+        self._set_command(bdf, self.command_of(bdf) | MASTER)
+        return True
+
     def make_config_read_ffff(self, bdf: str) -> None:
         """A surprise-removed, link-down or EEH-frozen function."""
         (self.device_dir(bdf) / "config").write_bytes(b"\xff" * 256)

@@ -19,7 +19,7 @@ import pytest
 import petitkexec.cli
 from petitkexec.errors import ExitCode
 from tests.clirun import environment, fake_kexec, invoke, shell_script
-from tests.conftest import SimFactory
+from tests.conftest import SimFactory, q35_like
 from tests.simkernel import SimFunction, SimKernel, root_port
 
 NIC = "0000:02:00.0"
@@ -236,3 +236,123 @@ def test_8_a_vf_that_ends_on_another_driver_is_reported_as_it_is(tmp_path: Path)
     assert "rollback: rebind 0000:01:00.1 to vfio-pci: bound to ixgbevf, not vfio-pci" in (
         result.stderr
     )
+
+
+# 7. what a late probe or a COMMAND write brings back before the handoff
+DRIVERLESS = "0000:00:05.0"  # no driver, bus master on: a clear-bus-master step
+
+
+def with_driverless() -> list[SimFunction]:
+    return [*nics(0), SimFunction(DRIVERLESS)]
+
+
+def after_its_step(
+    monkeypatch: pytest.MonkeyPatch, sim: SimKernel, act: Callable[[], object]
+) -> None:
+    """`act` runs once the driverless function's step is reported."""
+    done: list[bool] = []
+
+    def react(_index: int) -> None:
+        if not done and sim.writes() and not sim.bus_master_on(DRIVERLESS):
+            done.append(True)
+            act()
+
+    on_outcome(monkeypatch, react)
+
+
+def test_7_a_late_probe_cannot_bind_a_function_whose_bus_master_was_cleared(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sim = SimKernel(tmp_path / "sys", with_driverless())
+    probed: list[bool] = []
+    after_its_step(monkeypatch, sim, lambda: probed.append(sim.late_probe(DRIVERLESS, "e1000e")))
+    result = invoke(environment(sim, tmp_path), "teardown")
+    assert probed == [False]  # driver_override "none" kept udev's modprobe away
+    assert result.exit_code == ExitCode.OK
+    assert sim.driver_of(DRIVERLESS) is None and not sim.bus_master_on(DRIVERLESS)
+    assert sim.attribute(DRIVERLESS, "driver_override") == "none"
+
+
+def test_7_the_override_on_a_driverless_function_is_undone_by_the_rollback(
+    tmp_path: Path,
+) -> None:
+    sim = SimKernel(tmp_path / "sys", with_driverless())
+    result = invoke(environment(sim, tmp_path), "exec", "--kexec", str(fake_kexec(tmp_path, sim)))
+    assert result.exit_code == ExitCode.HANDOFF_FAILED
+    assert f"rollback: restore driver_override (null) on {DRIVERLESS}: ok" in result.stderr
+    assert sim.attribute(DRIVERLESS, "driver_override") == "(null)"
+
+
+def test_7_a_function_bound_again_before_the_handoff_is_a_failed_step_and_strict_withholds(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sim = SimKernel(tmp_path / "sys", with_driverless())
+    kexec = fake_kexec(tmp_path, sim)
+    after_its_step(monkeypatch, sim, lambda: sim.late_probe(DRIVERLESS, "e1000e", under_way=True))
+    result = invoke(environment(sim, tmp_path), "exec", "--kexec", str(kexec), "--strict")
+    assert f"FAILED {DRIVERLESS}: bus master cleared; came back: bound to e1000e again" in (
+        result.stderr
+    )
+    assert "no handoff: not attempted (--strict: a step failed)" in result.stderr
+    assert result.exit_code == ExitCode.TEARDOWN_PARTIAL
+    assert not (tmp_path / "kexec-args").exists()
+
+
+def test_7_bus_master_on_again_without_a_driver_is_cleared_again_or_stops_the_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sim = SimKernel(tmp_path / "sys", with_driverless())
+    kexec = fake_kexec(tmp_path, sim)
+
+    def someone_sets_master() -> None:
+        sim._set_command(DRIVERLESS, sim.command_of(DRIVERLESS) | 0x4)
+        sim.fail_write(DRIVERLESS, "config", errno.EIO)  # and it cannot be cleared again
+
+    after_its_step(monkeypatch, sim, someone_sets_master)
+    result = invoke(environment(sim, tmp_path), "exec", "--kexec", str(kexec))
+    assert "came back: bus master on again before the handoff" in result.stderr
+    assert "stopped: bus master on again and not clearable" in result.stderr
+    assert not (tmp_path / "kexec-args").exists()
+    assert result.exit_code == ExitCode.TEARDOWN_PARTIAL
+
+
+# 6. deadlines that fit the device, and an abandoned unbind journalled
+def test_6_an_nvme_unbind_gets_the_drivers_own_shutdown_bound_not_the_default_deadline(
+    tmp_path: Path,
+) -> None:
+    nvme = SimFunction("0000:00:02.0", 0x1B36, 0x0010, 0x010802, driver="nvme", remove_seconds=1)
+    sim = SimKernel(tmp_path / "sys", [nvme])
+    result = invoke(environment(sim, tmp_path), "teardown", "--unbind-timeout", "0.3")
+    assert result.exit_code == ExitCode.OK, result.stderr
+    assert sim.driver_of("0000:00:02.0") is None
+
+
+def test_6_the_nvme_deadline_follows_nvme_core_shutdown_timeout(tmp_path: Path) -> None:
+    from petitkexec.unbind import unbind_deadline_s
+
+    sim = SimKernel(tmp_path / "sys", nics(0))
+    kernel = sim.kernel
+    assert unbind_deadline_s(kernel, "e1000e", 5) == 5
+    assert unbind_deadline_s(kernel, "nvme", 5) == 62  # RTD3E clamped to at most 60 s
+    parameters = sim.root / "module" / "nvme_core" / "parameters"
+    parameters.mkdir(parents=True)
+    (parameters / "shutdown_timeout").write_text("90\n")
+    assert unbind_deadline_s(kernel, "nvme", 5) == 92
+    assert unbind_deadline_s(kernel, "nvme", 120) == 120
+
+
+def test_6_an_abandoned_unbind_is_journalled_and_its_override_put_back(
+    make_sim: SimFactory, tmp_path: Path
+) -> None:
+    functions = [
+        SimFunction(**{**f.__dict__, "remove_hangs": True}) if f.bdf == NIC else f  # type: ignore[arg-type]
+        for f in q35_like()
+    ]
+    sim = make_sim(functions)
+    kexec = fake_kexec(tmp_path, sim)
+    result = invoke(
+        environment(sim, tmp_path), "exec", "--kexec", str(kexec), "--unbind-timeout", "0.3"
+    )
+    assert result.exit_code == ExitCode.HUNG
+    assert f"rollback: rebind {NIC} to e1000e: ok" in result.stderr
+    assert sim.attribute(NIC, "driver_override") == "(null)"  # not left "none": bindable
