@@ -44,7 +44,7 @@ Exit codes:
   5    a step hung (an unbind or a reset): no handoff (the kernel's own shutdown would hang too)
   6    verify: a function did not come back as it was
   70   an unexpected error (a bug); the teardown, if begun, was rolled back
-  130  interrupted by SIGINT/SIGTERM: rolled back"""
+  130  interrupted by SIGINT/SIGTERM/SIGHUP/SIGQUIT: rolled back, no handoff"""
 
 F = TypeVar("F", bound=Callable[..., Any])
 

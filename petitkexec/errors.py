@@ -20,7 +20,7 @@ class ExitCode(IntEnum):
     HUNG = 5  # an unbind or a reset never returned: handing off would hang the machine
     NOT_BACK = 6  # verify: a function is missing, unbound or bound to another driver
     INTERNAL = 70  # an error petitkexec did not expect (EX_SOFTWARE); rolled back if needed
-    INTERRUPTED = 130  # SIGINT/SIGTERM during teardown; rolled back
+    INTERRUPTED = 130  # a stop signal (petitkexec.signals) during the run; rolled back
 
 
 class PetitkexecError(Exception):
