@@ -93,6 +93,8 @@ class SimKernel:
     lockdown: str = "none"
     kexec_loaded: bool = True
     failing_writes: dict[tuple[str, str], int] = field(default_factory=dict)
+    # Writes that wait forever, as one waiting on a device_lock a stuck remove() holds.
+    hanging_writes: set[tuple[str, str]] = field(default_factory=set)
 
     def __post_init__(self) -> None:
         self.by_bdf = {f.bdf: f for f in self.functions}
@@ -262,6 +264,9 @@ class SimKernel:
     def fail_write(self, bdf: str, attribute: str, code: int) -> None:
         self.failing_writes[(bdf, attribute)] = code
 
+    def hang_write(self, bdf: str, attribute: str) -> None:
+        self.hanging_writes.add((bdf, attribute))
+
     def late_probe(self, bdf: str, driver: str, *, under_way: bool = False) -> bool:
         """udev's modprobe or a deferred probe reaching an unbound function: it binds unless
         driver_override names another driver (pci_match_device()), and probe turns bus
@@ -324,6 +329,8 @@ class SimKernel:
         handler(bdf, text, data, offset)
 
     def _check_fault(self, bdf: str, attribute: str) -> None:
+        if (bdf, attribute) in self.hanging_writes:
+            time.sleep(3600)  # killed by the caller's deadline
         code = self.failing_writes.get((bdf, attribute))
         if code is not None:
             raise OSError(code, os.strerror(code))

@@ -356,3 +356,28 @@ def test_6_an_abandoned_unbind_is_journalled_and_its_override_put_back(
     assert result.exit_code == ExitCode.HUNG
     assert f"rollback: rebind {NIC} to e1000e: ok" in result.stderr
     assert sim.attribute(NIC, "driver_override") == "(null)"  # not left "none": bindable
+
+
+def test_6_an_abandoned_unbind_still_stuck_at_rollback_is_reported_not_claimed_restored(
+    make_sim: SimFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    functions = [
+        SimFunction(**{**f.__dict__, "remove_hangs": True}) if f.bdf == NIC else f  # type: ignore[arg-type]
+        for f in q35_like()
+    ]
+    sim = make_sim(functions)
+
+    def device_lock_held(_index: int) -> None:
+        if any(w["path"] == "bus/pci/drivers/e1000e/unbind" for w in sim.writes()):
+            sim.hang_write(NIC, "driver_override")  # driver_set_override() waits on it
+
+    on_outcome(monkeypatch, device_lock_held)
+    kexec = fake_kexec(tmp_path, sim)
+    result = invoke(
+        environment(sim, tmp_path), "exec", "--kexec", str(kexec), "--unbind-timeout", "0.3"
+    )
+    assert result.exit_code == ExitCode.HUNG
+    line = next(x for x in result.stderr.splitlines() if x.startswith(f"rollback: rebind {NIC}"))
+    assert "still holds device_lock: driver_override (null) is written when it returns" in line
+    assert not line.endswith(": ok")
+    assert sim.driver_of(NVME_PF) == "nvme"  # the other undos went on
