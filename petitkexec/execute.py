@@ -4,6 +4,7 @@ side; a report with the wall time and the critical path at the end."""
 from __future__ import annotations
 
 import bisect
+import contextlib
 import dataclasses
 import time
 from collections.abc import Callable
@@ -124,7 +125,8 @@ class Teardown:
         while running:
             child, result = wait_first(running)
             _index, pending = running.pop(child)
-            pending.finish(result)
+            with contextlib.suppress(Exception):  # the error that stopped the loop is reported
+                pending.finish(result)
 
     def _report(self, outcomes: list[StepOutcome], wall_s: float) -> TeardownReport:
         stopped_because = None
