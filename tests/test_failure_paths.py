@@ -76,7 +76,7 @@ def test_2_exec_stopped_by_the_time_limit_rolls_back_and_does_not_hand_off(
 
 
 # 3. signals at any point up to the handoff, and during the rollback
-@pytest.mark.parametrize("signum", [signal.SIGHUP, signal.SIGQUIT])
+@pytest.mark.parametrize("signum", [signal.SIGHUP, signal.SIGQUIT], ids=lambda s: s.name)
 def test_3_sighup_and_sigquit_mid_teardown_stop_and_roll_back(
     make_sim: SimFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, signum: signal.Signals
 ) -> None:
