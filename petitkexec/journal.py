@@ -83,14 +83,13 @@ class Journal:
         while self.entries or afterwards:
             undo = self.entries.pop() if self.entries else afterwards.pop()
             try:
-                done = _apply(kernel, undo, self.undo_timeout_s)
+                then = _apply(kernel, undo, self.undo_timeout_s)
             except (KernelWriteFailed, UndoFailed) as error:
                 results.append(UndoResult(undo, False, str(error)))
             else:
-                if isinstance(done, Undo):
-                    afterwards.append(done)
-                    done = ""
-                results.append(UndoResult(undo, True, done))
+                results.append(UndoResult(undo, True))
+                if then is not None:
+                    afterwards.append(then)
         return results
 
 
@@ -98,13 +97,13 @@ class UndoFailed(Exception):
     """An undo that ran but did not leave the function as it was; says what is there."""
 
 
-def _apply(kernel: Kernel, undo: Undo, timeout_s: float) -> Undo | str:
-    """Put one change back; returns what to say about it, or an undo to run at the end."""
+def _apply(kernel: Kernel, undo: Undo, timeout_s: float) -> Undo | None:
+    """Put one change back; returns an undo to run once all the others are done, if any."""
     if not kernel.exists(undo.bdf):
         raise KernelWriteFailed(str(kernel.device_dir(undo.bdf)), errno.ENODEV, "device is gone")
     if undo.kind is UndoKind.REBIND:
-        return _rebind(kernel, undo, timeout_s)
-    if undo.kind is UndoKind.RESTORE_COMMAND:
+        _rebind(kernel, undo, timeout_s)
+    elif undo.kind is UndoKind.RESTORE_COMMAND:
         assert undo.command is not None
         kernel.write_command(undo.bdf, undo.command)
     elif undo.kind is UndoKind.RESTORE_OVERRIDE:
@@ -116,10 +115,10 @@ def _apply(kernel: Kernel, undo: Undo, timeout_s: float) -> Undo | str:
     else:
         for _ in range(undo.enable_count):
             kernel.write_enable(undo.bdf, True)
-    return ""
+    return None
 
 
-def _rebind(kernel: Kernel, undo: Undo, timeout_s: float) -> str:
+def _rebind(kernel: Kernel, undo: Undo, timeout_s: float) -> None:
     """Bind the journalled driver through driver_override, then put the override back.
 
     The override makes pci_match_device() pick exactly that driver (vfio-pci has no ID table
@@ -155,16 +154,15 @@ def _rebind(kernel: Kernel, undo: Undo, timeout_s: float) -> str:
     now = kernel.driver(bdf)
     if now != driver:
         raise UndoFailed(f"bound to {now}, not {driver}" if now else f"{driver} did not bind")
-    return ""
 
 
-def _restore_sriov(kernel: Kernel, undo: Undo, timeout_s: float) -> Undo | str:
+def _restore_sriov(kernel: Kernel, undo: Undo, timeout_s: float) -> Undo | None:
     """sriov_numvfs_store() adds the VFs (pci_iov_add_virtfn()) and, with the PF's
     sriov_drivers_autoprobe on, probes whatever driver matches them first: not necessarily
     the one each VF had. Autoprobe stays off until the VFs' own rebinds have run."""
     bdf = undo.bdf
     if kernel.read_sriov_numvfs(bdf) == undo.numvfs:
-        return ""
+        return None
     turned_off = False
     if kernel.read_sriov_drivers_autoprobe(bdf) is True:
         # Best effort: refused, the VFs are autoprobed and their rebinds say where they are.
@@ -178,9 +176,10 @@ def _restore_sriov(kernel: Kernel, undo: Undo, timeout_s: float) -> Undo | str:
         )
     except KernelWriteFailed:
         if turned_off:
-            kernel.write_sriov_drivers_autoprobe(bdf, True)
+            with contextlib.suppress(KernelWriteFailed):  # the numvfs error is the one to say
+                kernel.write_sriov_drivers_autoprobe(bdf, True)
         raise
-    return Undo(UndoKind.RESTORE_AUTOPROBE, bdf) if turned_off else ""
+    return Undo(UndoKind.RESTORE_AUTOPROBE, bdf) if turned_off else None
 
 
 def _wait(what: str, start: Callable[[], Child], stuck: str = "") -> None:
