@@ -351,7 +351,7 @@ def test_6_an_abandoned_unbind_is_journalled_and_its_override_put_back(
     sim = make_sim(functions)
     kexec = fake_kexec(tmp_path, sim)
     result = invoke(
-        environment(sim, tmp_path), "exec", "--kexec", str(kexec), "--unbind-timeout", "0.3"
+        environment(sim, tmp_path), "exec", "--kexec", str(kexec), "--unbind-timeout", "1"
     )
     assert result.exit_code == ExitCode.HUNG
     assert f"rollback: rebind {NIC} to e1000e: ok" in result.stderr
@@ -374,7 +374,7 @@ def test_6_an_abandoned_unbind_still_stuck_at_rollback_is_reported_not_claimed_r
     on_outcome(monkeypatch, device_lock_held)
     kexec = fake_kexec(tmp_path, sim)
     result = invoke(
-        environment(sim, tmp_path), "exec", "--kexec", str(kexec), "--unbind-timeout", "0.3"
+        environment(sim, tmp_path), "exec", "--kexec", str(kexec), "--unbind-timeout", "1"
     )
     assert result.exit_code == ExitCode.HUNG
     line = next(x for x in result.stderr.splitlines() if x.startswith(f"rollback: rebind {NIC}"))
