@@ -445,6 +445,10 @@ def _print_exec_result(result: ExecResult, as_json: bool) -> None:
             _echo_err(f"interrupted by {result.signalled} during the handoff")
         for line in rollback_lines(result.rollback):
             _echo_err(line)
+        if result.left_as_is:
+            _echo_err(
+                f"not rolled back (--no-rollback): {result.left_as_is} changes left as they are"
+            )
         if result.watchdog_after is not None:
             _echo_err(f"watchdog: {result.watchdog_after}")
     else:

@@ -132,6 +132,7 @@ class ExecResult:
     rollback: tuple[UndoResult, ...] = ()
     watchdog_after: str | None = None  # what became of --watchdog's watchdog after a failure
     signalled: str | None = None  # a stop signal that came during the handoff
+    left_as_is: int = 0  # changes --no-rollback left in place after the failure
 
     @property
     def exit_code(self) -> ExitCode:
@@ -210,6 +211,7 @@ def exec_(
             rollback,
             watchdog_after,
             signalled=run.interrupted_by,
+            left_as_is=len(run.journal.entries),
         )
 
 

@@ -182,6 +182,16 @@ def test_5_an_error_writing_the_report_leaves_a_no_rollback_run_as_it_is(
     assert sim.driver_of("0000:00:02.0") is None and sim.driver_of("0000:00:03.0") is None
 
 
+def test_5_a_failed_handoff_with_no_rollback_leaves_the_teardown_as_it_is(tmp_path: Path) -> None:
+    sim = SimKernel(tmp_path / "sys", nics(0, 0))
+    kexec = fake_kexec(tmp_path, sim)
+    result = invoke(environment(sim, tmp_path), "exec", "--kexec", str(kexec), "--no-rollback")
+    assert result.exit_code == ExitCode.HANDOFF_FAILED
+    assert "rollback:" not in result.stderr
+    assert "not rolled back (--no-rollback): 4 changes left as they are" in result.stderr
+    assert sim.driver_of("0000:00:02.0") is None and sim.driver_of("0000:00:03.0") is None
+
+
 def test_5_the_rollback_after_an_error_waits_for_the_unbinds_still_running(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
