@@ -95,14 +95,17 @@ def _run_child(call: Callable[[], None], read_end: int, write_end: int) -> NoRet
         os._exit(0)
 
 
-def wait_first(children: Collection[Child]) -> tuple[Child, ChildResult]:
-    """The first child to answer, or the first to pass its deadline (then abandoned)."""
+def wait_first(
+    children: Collection[Child], kill_abandoned: bool = True
+) -> tuple[Child, ChildResult]:
+    """The first child to answer, or the first to pass its deadline (then abandoned: killed,
+    unless `kill_abandoned` is False for a write that should still land when it can)."""
     by_fd = {child.read_end: child for child in children}
     while True:
         soonest = min(children, key=lambda child: child.deadline)
         remaining = soonest.deadline - time.monotonic()
         if remaining <= 0:
-            return soonest, _abandon(soonest)
+            return soonest, _abandon(soonest, kill_abandoned)
         ready, _, _ = select.select(list(by_fd), [], [], remaining)
         if ready:
             child = by_fd[ready[0]]
@@ -118,9 +121,10 @@ def _collect(child: Child) -> ChildResult:
     return ChildResult(True, code, detail, child.pid, time.monotonic() - child.started)
 
 
-def _abandon(child: Child) -> ChildResult:
+def _abandon(child: Child, kill: bool = True) -> ChildResult:
     # The child may sit in uninterruptible sleep and never die; do not wait for it.
-    os.kill(child.pid, signal.SIGKILL)
+    if kill:
+        os.kill(child.pid, signal.SIGKILL)
     os.close(child.read_end)
     with contextlib.suppress(ChildProcessError):
         os.waitpid(child.pid, os.WNOHANG)

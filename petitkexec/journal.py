@@ -67,7 +67,8 @@ class Journal:
     """The undos of the steps done so far, rolled back last first."""
 
     # A rebind runs probe(), which may wait on locks a hung remove() still holds, and
-    # restoring SR-IOV probes every VF: each gets this deadline, so a rollback always ends.
+    # restoring SR-IOV probes every VF; driver_override, `enable` and config writes wait on
+    # the locks a stuck reset holds: each write gets this deadline, so a rollback always ends.
     undo_timeout_s: float
     entries: list[Undo] = field(default_factory=list)
 
@@ -104,17 +105,18 @@ def _apply(kernel: Kernel, undo: Undo, timeout_s: float) -> Undo | None:
     if undo.kind is UndoKind.REBIND:
         _rebind(kernel, undo, timeout_s)
     elif undo.kind is UndoKind.RESTORE_COMMAND:
-        assert undo.command is not None
-        kernel.write_command(undo.bdf, undo.command)
+        command = undo.command
+        assert command is not None
+        _wait("COMMAND", lambda: kernel.start_write_command(undo.bdf, command, timeout_s))
     elif undo.kind is UndoKind.RESTORE_OVERRIDE:
-        kernel.set_driver_override(undo.bdf, undo.driver_override)
+        _set_override(kernel, undo.bdf, undo.driver_override, timeout_s)
     elif undo.kind is UndoKind.RESTORE_SRIOV:
         return _restore_sriov(kernel, undo, timeout_s)
     elif undo.kind is UndoKind.RESTORE_AUTOPROBE:
         kernel.write_sriov_drivers_autoprobe(undo.bdf, True)
     else:
         for _ in range(undo.enable_count):
-            kernel.write_enable(undo.bdf, True)
+            _wait("enable", lambda: kernel.start_enable(undo.bdf, timeout_s))
     return None
 
 
@@ -128,32 +130,46 @@ def _rebind(kernel: Kernel, undo: Undo, timeout_s: float) -> None:
     bdf, driver = undo.bdf, undo.driver
     assert driver is not None
     if undo.abandoned_pid:
-        # driver_set_override() takes device_lock, which the abandoned remove() may still
-        # hold: the write waits in a child, and if remove() has not returned by its deadline
-        # the override lands when it does, leaving the function unbound but bindable.
+        # The abandoned remove() may still hold device_lock: if it has not returned by the
+        # deadline, this override lands when it does, leaving the function unbound but
+        # bindable.
         value = undo.driver_override
-        _wait(
-            "driver_override",
-            lambda: kernel.start_set_driver_override(bdf, value, timeout_s),
+        _set_override(
+            kernel,
+            bdf,
+            value,
+            timeout_s,
             stuck=f"remove() (child {undo.abandoned_pid}) still holds device_lock: "
             f"driver_override {value or '(null)'} is written when it returns, "
             "leaving the function unbound but bindable",
         )
     if kernel.driver(bdf) is None:
-        kernel.set_driver_override(bdf, driver)
+        _set_override(kernel, bdf, driver, timeout_s)
         try:
             _wait(f"bind {driver}", lambda: kernel.start_bind(bdf, driver, timeout_s))
         except KernelWriteFailed as error:
             # A probe() that did not return holds device_lock: the override stays on the
-            # journalled driver rather than this process waiting with it.
+            # journalled driver rather than one more child waiting with it.
             if error.errno != errno.ETIMEDOUT:
-                kernel.set_driver_override(bdf, undo.driver_override)
+                _set_override(kernel, bdf, undo.driver_override, timeout_s)
             raise
     if not undo.abandoned_pid or kernel.driver(bdf) == driver:
-        kernel.set_driver_override(bdf, undo.driver_override)
+        _set_override(kernel, bdf, undo.driver_override, timeout_s)
     now = kernel.driver(bdf)
     if now != driver:
         raise UndoFailed(f"bound to {now}, not {driver}" if now else f"{driver} did not bind")
+
+
+def _set_override(
+    kernel: Kernel, bdf: Bdf, value: str | None, timeout_s: float, stuck: str = ""
+) -> None:
+    """driver_set_override() takes device_lock, which a remove(), probe() or reset that did
+    not return may still hold: the write waits in a child, never in this process."""
+    _wait(
+        "driver_override",
+        lambda: kernel.start_set_driver_override(bdf, value, timeout_s),
+        stuck=stuck,
+    )
 
 
 def _restore_sriov(kernel: Kernel, undo: Undo, timeout_s: float) -> Undo | None:
@@ -183,10 +199,11 @@ def _restore_sriov(kernel: Kernel, undo: Undo, timeout_s: float) -> Undo | None:
 
 
 def _wait(what: str, start: Callable[[], Child], stuck: str = "") -> None:
-    """Run one blocking write in a child and wait for it, up to its deadline (then `stuck`,
-    if given, says what that means)."""
+    """Run one blocking write in a child and wait for it, up to its deadline. With `stuck`
+    (what a missed deadline means) the child is left to finish its write when it can: a
+    SIGKILL before it entered write() would stop a write that is meant to land later."""
     child = start()
-    _child, result = wait_first([child])
+    _child, result = wait_first([child], kill_abandoned=not stuck)
     if not result.finished:
         if stuck:
             raise UndoFailed(stuck)
