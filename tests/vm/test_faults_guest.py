@@ -135,7 +135,7 @@ def test_a_bridge_removed_mid_walk_is_reported_gone_and_the_handoff_goes_on(
 def test_an_abandoned_unbind_that_returns_later_leaves_the_function_bindable(
     boot: Boot, tmp_path: Path
 ) -> None:
-    """Row 31: virtio-9p's remove() waits for its mount (p9_virtio_remove()). The rollback's
+    """Row 32: virtio-9p's remove() waits for its mount (p9_virtio_remove()). The rollback's
     driver_override write waits on the device_lock that remove() holds and is reported as
     such; once the share is unmounted remove() returns, the override lands, and a manual bind
     works (with driver_override left "none" it failed with ENODEV)."""
