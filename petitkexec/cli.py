@@ -45,7 +45,7 @@ Exit codes:
   5    a step hung (an unbind or a reset): no handoff (the kernel's own shutdown would hang too)
   6    verify: a function did not come back as it was
   70   an unexpected error (a bug); the teardown, if begun, was rolled back
-  130  interrupted by SIGINT/SIGTERM: rolled back"""
+  130  interrupted by SIGINT/SIGTERM/SIGHUP/SIGQUIT: rolled back, no handoff"""
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -442,8 +442,14 @@ def _print_exec_result(result: ExecResult, as_json: bool) -> None:
             f"handoff failed: {' '.join(result.failure.command)} returned "
             f"{result.failure.returncode}: {result.failure.output}"
         )
+        if result.signalled is not None:
+            _echo_err(f"interrupted by {result.signalled} during the handoff")
         for line in rollback_lines(result.rollback):
             _echo_err(line)
+        if result.left_as_is:
+            _echo_err(
+                f"not rolled back (--no-rollback): {result.left_as_is} changes left as they are"
+            )
         if result.watchdog_after is not None:
             _echo_err(f"watchdog: {result.watchdog_after}")
     else:
