@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import click
 
+from petitkexec import __version__
 from petitkexec.environment import Environment
 from petitkexec.errors import (
     INTERNAL_HINT,
@@ -44,7 +45,7 @@ Exit codes:
   5    a step hung (an unbind or a reset): no handoff (the kernel's own shutdown would hang too)
   6    verify: a function did not come back as it was
   70   an unexpected error (a bug); the teardown, if begun, was rolled back
-  130  interrupted by SIGINT/SIGTERM: rolled back"""
+  130  interrupted by SIGINT/SIGTERM/SIGHUP/SIGQUIT: rolled back, no handoff"""
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -133,7 +134,7 @@ def _die(error: BaseException, *, debug: bool) -> NoReturn:
 )
 @click.option("-v", "--verbose", is_flag=True, help="Log progress (stderr).")
 @click.option("--debug", is_flag=True, help="Debug logs, and a traceback on errors.")
-@click.version_option(package_name="petitkexec")
+@click.version_option(version=__version__, package_name="petitkexec")
 @click.pass_context
 def cli(context: click.Context, verbose: bool, debug: bool) -> None:
     """Quiesce PCI devices the way remove() does, then hand off to kexec."""
@@ -497,8 +498,14 @@ def _print_exec_result(result: ExecResult, as_json: bool) -> None:
             f"handoff failed: {' '.join(result.failure.command)} returned "
             f"{result.failure.returncode}: {result.failure.output}"
         )
+        if result.signalled is not None:
+            _echo_err(f"interrupted by {result.signalled} during the handoff")
         for line in rollback_lines(result.rollback):
             _echo_err(line)
+        if result.left_as_is:
+            _echo_err(
+                f"not rolled back (--no-rollback): {result.left_as_is} changes left as they are"
+            )
         if result.watchdog_after is not None:
             _echo_err(f"watchdog: {result.watchdog_after}")
     else:
