@@ -80,6 +80,27 @@ def test_a_disk_open_for_writing_is_in_use_but_not_one_open_for_reading(
     assert [str(use) for use in uses] == ["in use: /dev/nvme0n1 by pid 10 dd"]
 
 
+def test_a_gpu_or_vfio_node_open_only_for_reading_is_in_use(machine: FakeMachine) -> None:
+    # Unlike a disk, a character device is in use whatever its access mode: NVIDIA's remove()
+    # waits for every open of /dev/nvidiaN (nvidia-smi opens it O_RDONLY), and vfio-pci's
+    # remove() waits until the group's fd is closed, however it was opened.
+    gpus = machine.proc / "driver" / "nvidia" / "gpus" / GPU
+    gpus.mkdir(parents=True)
+    (gpus / "information").write_text("Device Minor: 0\n")
+    device_node(machine, "char", "511:3", "virtual/vfio/3", "vfio/3")
+    machine.link(
+        machine.sys / "kernel" / "iommu_groups" / "3" / "devices" / "0000:06:00.0",
+        machine.directory("pci0000:00/0000:00:05.0/0000:06:00.0"),
+    )
+    process(machine, 50, "nvidia-smi", {3: ("/dev/nvidia0", 0o100000)})  # O_RDONLY|O_LARGEFILE
+    process(machine, 51, "qemu", {7: ("/dev/vfio/3", 0o2000000)})  # O_RDONLY | O_CLOEXEC
+    uses = {str(use.bdf): str(use) for use in functions_in_use(machine.sys, machine.proc)}
+    assert uses == {
+        GPU: "in use: /dev/nvidia0 by pid 50 nvidia-smi",
+        "0000:06:00.0": "in use: /dev/vfio/3 by pid 51 qemu",
+    }
+
+
 def test_an_nvme_multipath_namespace_open_for_writing_is_its_controllers_function(
     machine: FakeMachine,
 ) -> None:
@@ -255,13 +276,29 @@ def test_watchdog_is_armed_right_before_the_handoff_and_its_device_left_alone(
 ) -> None:
     sim = make_sim([*q35_like(), *WATCHDOG_MACHINE])
     sim_watchdog(sim, "0000:00:0b.0", "0")
-    events: list[str] = []
-    monkeypatch.setattr(petitkexec.run, "arm", lambda w, s: events.append(f"arm {w.name} {s}"))
-    monkeypatch.setattr(petitkexec.run, "disarm", lambda w: events.append(f"disarm {w.name}"))
+    # The stand-ins note how far the sim's writes log had got: /dev/watchdog0 is no sysfs file.
+    events: list[tuple[str, int]] = []
+    monkeypatch.setattr(
+        petitkexec.run, "arm", lambda w, s: events.append((f"arm {w.name} {s}", len(sim.writes())))
+    )
+    monkeypatch.setattr(
+        petitkexec.run, "disarm", lambda w: events.append((f"disarm {w.name}", len(sim.writes())))
+    )
     kexec = str(fake_kexec(tmp_path, sim))
     result = invoke(environment(sim, tmp_path), "exec", "--watchdog", "30", "--kexec", kexec)
     assert result.exit_code == ExitCode.HANDOFF_FAILED  # the stand-in kexec returns
-    assert events == ["arm watchdog0 30", "disarm watchdog0"]
+    writes = [w["path"] for w in sim.writes()]
+    assert [name for name, _ in events] == ["arm watchdog0 30", "disarm watchdog0"]
+    (_, armed_at), (_, disarmed_at) = events
+    # Armed after the teardown's last write (a watchdog running during a slow teardown could
+    # reset the machine half torn down) and before the rollback's first: right before kexec.
+    teardown, rollback = writes[:armed_at], writes[armed_at:]
+    assert [p for p in writes if p.endswith("/unbind")] == [
+        p for p in teardown if p.endswith("/unbind")
+    ]
+    assert not any(p.endswith("/bind") for p in teardown)
+    assert rollback and rollback[0].endswith(("/bind", "/driver_override", "/config"))
+    assert disarmed_at == len(writes)  # stopped again once the rollback is done
     assert "held: watchdog0 armed for the handoff by --watchdog" in result.stderr
     assert "watchdog: watchdog0 stopped again" in result.stderr
     assert not any("0000:00:0b.0" in w["path"] for w in sim.writes())
