@@ -16,6 +16,7 @@ import pytest
 from petitkexec.bdf import Bdf
 from petitkexec.model import Topology
 from petitkexec.snapshot import snapshot_from_json
+from tests.ci import in_ci
 from tests.conftest import SimFactory
 from tests.simkernel import SimFunction
 
@@ -24,7 +25,7 @@ PRELOAD = "libumockdev-preload.so.0"
 
 pytestmark = pytest.mark.umockdev
 
-if shutil.which("umockdev-run") is None and os.environ.get("CI") != "true":
+if shutil.which("umockdev-run") is None and not in_ci():
     pytest.skip("umockdev is not installed (apt-get install umockdev)", allow_module_level=True)
 
 SNAPSHOT = [sys.executable, "-m", "petitkexec", "snapshot"]

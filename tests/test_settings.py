@@ -173,7 +173,14 @@ def owned_by(monkeypatch: pytest.MonkeyPatch, uid: int) -> None:
         (1000, 0o644),  # a user's own file
         (1000, 0o600),
     ],
-    ids=["group-writable", "other-writable", "world-writable", "group-rw", "user-0644", "user-0600"],
+    ids=[
+        "group-writable",
+        "other-writable",
+        "world-writable",
+        "group-rw",
+        "user-0644",
+        "user-0600",
+    ],
 )
 def test_root_refuses_a_config_file_someone_else_could_write(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, uid: int, mode: int

@@ -6,7 +6,6 @@ CI (CI=true): there the lane must run. `.ci/run` installs what it needs (`.ci/ap
 
 from __future__ import annotations
 
-import os
 import shutil
 import sys
 import time
@@ -19,6 +18,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
+from tests.ci import in_ci  # noqa: E402
 from tests.vm import guest  # noqa: E402
 from tests.vm.images.build import Images, current_images  # noqa: E402
 from tests.vm.images.lanes import X86, Lane  # noqa: E402
@@ -36,10 +36,6 @@ HOST_TOOLS = (
 )
 _TIMINGS = pytest.StashKey[list[tuple[str, str]]]()
 Boot = Callable[..., guest.GuestRun]
-
-
-def in_ci() -> bool:
-    return os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
