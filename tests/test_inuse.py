@@ -4,18 +4,20 @@ processes hold file descriptors (symbolic links named as the kernel shows them).
 from __future__ import annotations
 
 import os
+import struct
 from pathlib import Path
 
 import pytest
 
 import petitkexec.run
+import petitkexec.watchdog
 from petitkexec.bdf import Bdf
 from petitkexec.errors import ExitCode
 from petitkexec.facts import gather_facts
 from petitkexec.inuse import functions_in_use
 from petitkexec.model import Topology
 from petitkexec.plan import Action, build_plan
-from petitkexec.watchdog import Watchdog, stop_on_reboot, watchdogs
+from petitkexec.watchdog import Watchdog, arm, disarm, stop_on_reboot, watchdogs
 from tests.builders import bridge, endpoint, policy_of
 from tests.clirun import environment, fake_kexec, invoke
 from tests.conftest import SimFactory, q35_like
@@ -224,24 +226,93 @@ def test_a_stopped_watchdog_is_not_protected(machine: FakeMachine) -> None:
 
 
 @pytest.mark.parametrize(
-    ("parameter", "driver", "stops"),
+    ("parameter", "driver", "why"),
     [
-        (None, ESB_DRIVER, True),
-        ("-1", ESB_DRIVER, True),
-        ("0", ESB_DRIVER, False),
-        ("1", "other_wdt", True),
-        ("-1", "other_wdt", False),
+        (
+            None,
+            ESB_DRIVER,
+            f"{ESB_DRIVER} stops it on reboot (boot with watchdog.stop_on_reboot=0)",
+        ),
+        (
+            "-1",
+            ESB_DRIVER,
+            f"{ESB_DRIVER} stops it on reboot (boot with watchdog.stop_on_reboot=0)",
+        ),
+        ("0", ESB_DRIVER, None),
+        ("1", "other_wdt", "watchdog.stop_on_reboot=1"),
+        ("-1", "other_wdt", None),
+        (None, None, None),
     ],
 )
 def test_whether_the_kernel_stops_a_watchdog_at_kexec(
-    machine: FakeMachine, parameter: str | None, driver: str, stops: bool
+    machine: FakeMachine, parameter: str | None, driver: str | None, why: str | None
 ) -> None:
     if parameter is not None:
         parameters = machine.sys / "module" / "watchdog" / "parameters"
         parameters.mkdir(parents=True)
         (parameters / "stop_on_reboot").write_text(parameter + "\n")
     watchdog = Watchdog("watchdog0", None, driver, True)
-    assert (stop_on_reboot(machine.sys, watchdog) is not None) is stops
+    assert stop_on_reboot(machine.sys, watchdog) == why
+
+
+@pytest.mark.parametrize("bound", [[], ["0000:00:0b.0", "0000:00:0c.0"]])
+def test_an_identity_naming_no_single_bound_function_gives_no_function(
+    machine: FakeMachine, bound: list[str]
+) -> None:
+    # Which of two functions a parentless watchdog belongs to cannot be told: none is
+    # claimed (and protected) rather than a guess.
+    drivers = machine.sys / "bus" / "pci" / "drivers" / ESB_DRIVER
+    drivers.mkdir(parents=True)
+    for bdf in bound:
+        machine.link(drivers / bdf, machine.directory(f"pci0000:00/{bdf}"))
+    real = machine.directory("virtual/watchdog/watchdog0")
+    machine.link(machine.sys / "class" / "watchdog" / "watchdog0", real)
+    (real / "state").write_text("active\n")
+    (real / "identity").write_text(ESB_DRIVER + "\n")
+    assert list(watchdogs(machine.sys)) == [Watchdog("watchdog0", None, None, True)]
+
+
+def test_arming_sets_the_timeout_pings_and_closes_without_the_magic_v(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The ioctls of include/uapi/linux/watchdog.h on /dev/watchdogN (a file here: the
+    ioctls are recorded, not made)."""
+    calls: list[tuple[str, object]] = []
+    node = tmp_path / "watchdog1"
+    node.write_bytes(b"")
+    real_open = os.open
+
+    def open_(path: str, flags: int) -> int:
+        calls.append(("open", (path, flags)))
+        return real_open(node, flags)
+
+    monkeypatch.setattr(petitkexec.watchdog.os, "open", open_)
+    monkeypatch.setattr(
+        petitkexec.watchdog.fcntl,
+        "ioctl",
+        lambda fd, request, arg: calls.append((hex(request), arg)),
+    )
+    closed: list[int] = []
+    real_close = os.close
+
+    def close(fd: int) -> None:
+        closed.append(fd)
+        real_close(fd)
+
+    monkeypatch.setattr(petitkexec.watchdog.os, "close", close)
+    watchdog = Watchdog("watchdog1", None, None, False)
+    arm(watchdog, 45)
+    assert calls == [
+        ("open", ("/dev/watchdog1", os.O_WRONLY | os.O_CLOEXEC)),
+        ("0xc0045706", struct.pack("i", 45)),  # WDIOC_SETTIMEOUT
+        ("0x80045705", struct.pack("i", 0)),  # WDIOC_KEEPALIVE
+    ]
+    assert node.read_bytes() == b""  # no magic close: it keeps running
+    calls.clear()
+    disarm(watchdog)
+    assert calls == [("open", ("/dev/watchdog1", os.O_WRONLY | os.O_CLOEXEC))]
+    assert node.read_bytes() == b"V"  # the magic close stops it
+    assert len(closed) == 2
 
 
 def sim_watchdog(sim: SimKernel, bdf: str, stop_on_reboot_parameter: str) -> None:
