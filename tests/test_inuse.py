@@ -160,6 +160,40 @@ def test_live_update_protects_every_vfio_pci_function_and_asks_for_kexec_s(
     assert facts.needs_file_load
 
 
+@pytest.mark.parametrize(
+    ("cmdline", "why"),
+    [
+        ("kho=on", "kho=on"),
+        ("kho=1", "kho=1"),
+        ("liveupdate=Y", "liveupdate=Y"),
+        ("kho=true", "kho=true"),
+        ("kho=on=1", "kho=on=1"),  # the value is all after the first '=' (next_arg)
+        ("kho=0", None),
+        ("kho=off", None),
+        ("kho=n", None),
+        ("kho=no", None),
+        ("kho=N", None),
+        ("kho=NO", None),
+        ("kho=OFF", None),
+        ("kho=false", None),
+        ("kho", None),  # kstrtobool(NULL): -EINVAL, left off
+        ("kho=maybe", None),  # -EINVAL: left as it was, off
+        ("kho=1 kho=0", None),  # every occurrence is parsed: the last one wins
+        ("kho=0 kho=yes", "kho=yes"),
+        ("kho=1 kho=maybe", "kho=1"),  # an invalid one changes nothing
+        ("liveupdate=0 kho=1", "kho=1"),
+        ("kexec_kho=1 nokho=1", None),
+    ],
+)
+def test_live_update_on_the_command_line_is_read_as_the_kernel_reads_it(
+    machine: FakeMachine, cmdline: str, why: str | None
+) -> None:
+    # Both early_param handlers are kstrtobool() (kho_parse_enable, early_liveupdate_param).
+    (machine.proc / "cmdline").write_text(f"root=/dev/sda1 {cmdline} quiet\n")
+    expected = None if why is None else f"{why} on the kernel command line"
+    assert gather_facts(machine.sys, machine.proc).live_update == expected
+
+
 def test_live_update_is_also_the_agent_holding_dev_liveupdate(machine: FakeMachine) -> None:
     process(machine, 1, "luod", {4: ("/dev/liveupdate", 0o2)})
     assert gather_facts(machine.sys, machine.proc).live_update == (
