@@ -14,7 +14,7 @@ import petitkexec.watchdog
 from petitkexec.bdf import Bdf
 from petitkexec.errors import ExitCode
 from petitkexec.facts import gather_facts
-from petitkexec.inuse import functions_in_use
+from petitkexec.inuse import device_nodes, functions_in_use
 from petitkexec.model import Topology
 from petitkexec.plan import Action, build_plan
 from petitkexec.watchdog import Watchdog, arm, disarm, stop_on_reboot, watchdogs
@@ -101,6 +101,67 @@ def test_a_gpu_or_vfio_node_open_only_for_reading_is_in_use(machine: FakeMachine
         GPU: "in use: /dev/nvidia0 by pid 50 nvidia-smi",
         "0000:06:00.0": "in use: /dev/vfio/3 by pid 51 qemu",
     }
+
+
+def test_device_nodes_are_the_pci_ones_past_entries_that_cannot_be_read(
+    machine: FakeMachine,
+) -> None:
+    # Unreadable entries come first and last in creation order, whatever order the
+    # directory lists them in, one of them comes before a good one.
+    broken = machine.directory(f"pci0000:00/{NVME}/nvme/nvme9")  # no uevent
+    machine.link(machine.sys / "dev" / "char" / "240:9", broken)
+    (machine.sys / "dev" / "block").mkdir(parents=True)
+    (machine.sys / "dev" / "block" / "8:x").symlink_to("../../devices/pci0000:00/" + NVME)
+    for gpu in ("0000:40:00.0", "not-a-bdf"):
+        (machine.proc / "driver" / "nvidia" / "gpus" / gpu).mkdir(parents=True)  # no information
+    device_node(machine, "char", "240:0", f"pci0000:00/0000:00:1c.0/{NVME}/nvme/nvme0", "nvme0")
+    device_node(machine, "char", "4:1", "virtual/tty/tty1", "tty1")  # no PCI function
+    device_node(
+        machine, "block", "259:0", f"pci0000:00/0000:00:1c.0/{NVME}/nvme/nvme0/nvme0n1", "nvme0n1"
+    )
+    gpus = machine.proc / "driver" / "nvidia" / "gpus" / GPU
+    gpus.mkdir(parents=True)
+    (gpus / "information").write_text("Device Minor: 1\n")
+    device_node(machine, "char", "226:0", f"pci0000:00/{GPU}/drm/card0", "dri/card0")
+    late = machine.directory(f"pci0000:00/{GPU}/drm/card9")  # no uevent, created last
+    machine.link(machine.sys / "dev" / "char" / "226:9", late)
+    (machine.proc / "driver" / "nvidia" / "gpus" / "0000:42:00.0").mkdir()
+    nvme, gpu = (Bdf.parse(NVME),), (Bdf.parse(GPU),)
+    assert device_nodes(machine.sys, machine.proc) == {
+        "/dev/nvme0": (False, nvme),
+        "/dev/nvme0n1": (True, nvme),
+        "/dev/dri/card0": (False, gpu),
+        "/dev/nvidia1": (False, gpu),
+    }
+
+
+def test_a_disk_whose_open_flags_cannot_be_read_counts_as_open_for_writing(
+    machine: FakeMachine,
+) -> None:
+    device_node(
+        machine, "block", "259:0", f"pci0000:00/0000:00:1c.0/{NVME}/nvme/nvme0/nvme0n1", "nvme0n1"
+    )
+    process(machine, 10, "", {3: ("/dev/nvme0n1", 0o100000)})  # O_RDONLY, comm empty
+    (machine.proc / "10" / "fdinfo" / "3").unlink()  # closed and reopened, or not ours to read
+    # The flags are octal: 010 is read-only (O_APPEND on sparc), though 10 & 3 would not be.
+    process(machine, 11, "blkid", {3: ("/dev/nvme0n1", 0o10)})
+    process(machine, 12, "gone", {4: ("/dev/nvme0n1", 0o1)})
+    (machine.proc / "12" / "comm").unlink()  # exited meanwhile
+    uses = [str(use) for use in functions_in_use(machine.sys, machine.proc)]
+    assert sorted(uses) == ["in use: /dev/nvme0n1 by pid 10 ?", "in use: /dev/nvme0n1 by pid 12 ?"]
+
+
+def test_the_live_update_agent_may_hold_a_gpu_too(machine: FakeMachine) -> None:
+    gpus = machine.proc / "driver" / "nvidia" / "gpus" / GPU
+    gpus.mkdir(parents=True)
+    (gpus / "information").write_text("Device Minor: 0\n")
+    fds = {fd: ("/dev/liveupdate", 0o2) for fd in range(3, 9)} | {9: ("/dev/nvidia0", 0o2)}
+    process(machine, 1, "luod", fds)
+    for pid in range(2, 8):
+        process(machine, pid, "luo-client", {3: ("/dev/liveupdate", 0o2)})
+    process(machine, 8, "python3", {3: ("/dev/nvidia0", 0o2)})
+    uses = sorted(str(use) for use in functions_in_use(machine.sys, machine.proc))
+    assert uses == ["in use: /dev/nvidia0 by pid 1 luod", "in use: /dev/nvidia0 by pid 8 python3"]
 
 
 def test_an_nvme_multipath_namespace_open_for_writing_is_its_controllers_function(
