@@ -23,8 +23,17 @@ def environment(sim: SimKernel, tmp_path: Path, euid: int = 0) -> Environment:
     )
 
 
+def runner() -> CliRunner:
+    """A CliRunner whose result has stdout and stderr apart: click 8.2 always keeps them apart
+    (and has no `mix_stderr`); 8.1 (Debian 12's python3-click is 8.1.3) only when asked."""
+    try:
+        return CliRunner(mix_stderr=False)  # type: ignore[call-arg]
+    except TypeError:
+        return CliRunner()
+
+
 def invoke(env: Environment, *args: str) -> Result:
-    return CliRunner().invoke(cli, list(args), obj=env, catch_exceptions=False)
+    return runner().invoke(cli, list(args), obj=env, catch_exceptions=False)
 
 
 def shell_script(path: Path, body: str) -> Path:

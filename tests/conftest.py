@@ -1,11 +1,23 @@
 from __future__ import annotations
 
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
+from tests import simlocks
 from tests.simkernel import SimFunction, SimKernel, root_port
+
+
+@pytest.fixture(autouse=True)
+def sysfs_writes_are_uninterruptible(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """SIGKILL to a child inside a simulated sysfs write waits until the write returns, as
+    for a task in uninterruptible sleep; at the end of the test every hung remove() returns,
+    so no child outlives it for long."""
+    monkeypatch.setattr(os, "kill", simlocks.kill)
+    yield
+    simlocks.release_everything()
 
 
 def q35_like() -> list[SimFunction]:

@@ -151,7 +151,9 @@ def exercise(sim: SimKernel) -> dict[str, Any]:
     wrote (the write log: path, offset, bytes) and each config file afterwards."""
     kernel = sim.kernel
     seen: dict[str, Any] = {}
-    for function in sim.functions:
+    # Functions below a bridge first: the Bridge Control value written sets the secondary bus
+    # reset bit, which holds everything below in reset (their config reads all ones).
+    for function in reversed(sim.functions):
         bdf = Bdf.parse(function.bdf)
         path = sim.device_dir(function.bdf).resolve()
 
@@ -232,10 +234,10 @@ def expect_what_the_devices_hold(seen: dict[str, Any], functions: list[SimFuncti
         for w in seen["writes"]
         if w["path"].endswith("/config")
     ]
-    bridges = [f.bdf for f in functions if f.bridge]
+    bridges = [f.bdf for f in reversed(functions) if f.bridge]
     assert config_writes == [
         write
-        for f in functions
+        for f in reversed(functions)
         for write in [
             (f.bdf, PCI_COMMAND, "4605"),
             (f.bdf, SCRATCH_OFFSET, "efbe"),

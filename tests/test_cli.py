@@ -7,12 +7,11 @@ import re
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 
 from petitkexec.cli import cli
 from petitkexec.environment import Environment
 from petitkexec.errors import ExitCode
-from tests.clirun import environment, fake_kexec, invoke, shell_script
+from tests.clirun import environment, fake_kexec, invoke, runner, shell_script
 from tests.conftest import SimFactory
 
 
@@ -175,7 +174,7 @@ def test_exec_strict_does_not_hand_off_after_a_failed_step(
 
 
 def test_help_documents_the_exit_codes() -> None:
-    result = CliRunner().invoke(cli, ["exec", "--help"])
+    result = runner().invoke(cli, ["exec", "--help"])
     assert "3    preflight refused: nothing was touched" in result.stdout
     assert "5    a step hung (an unbind or a reset): no handoff" in result.stdout
     assert "70   an unexpected error" in result.stdout

@@ -281,12 +281,21 @@ def test_10_a_reset_that_never_returns_blocks_the_handoff_like_a_hung_unbind(
         "--hot-reset",
         "--reset-timeout",
         "0.5",
+        "--unbind-timeout",
+        "1",
         "--kexec",
         str(kexec),
     )
     assert result.exit_code == ExitCode.HUNG
     assert "reset_subordinate: no answer within 0.5 s" in result.stderr
     assert not (tmp_path / "kexec-args").exists()
+    # The stuck reset still holds config access and the device lock of everything below
+    # (pci_bus_trylock()): the rollback's config write (pci_wait_cfg()) and driver_override
+    # write (driver_set_override()) wait on them in children with a deadline, never in
+    # petitkexec itself; the bridge above comes back.
+    assert "rollback: restore COMMAND 0x0006 on 0000:01:00.0: COMMAND: ETIMEDOUT" in result.stderr
+    assert "rollback: rebind 0000:01:00.0 to e1000e: driver_override: ETIMEDOUT" in result.stderr
+    assert "rollback: rebind 0000:00:02.0 to pcieport: ok" in result.stderr
 
 
 # 11. malformed config file, unknown keys, bad specs

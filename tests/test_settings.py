@@ -6,13 +6,13 @@ import os
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 
 from petitkexec import settings as settings_module
 from petitkexec.cli import cli
 from petitkexec.errors import ExitCode, UsageError
 from petitkexec.settings import CONFIG_KEYS, SETTINGS, load_config, resolve
 from tests.builders import endpoint, policy_of
+from tests.clirun import runner
 
 NVME = endpoint("0000:01:00.0", "nvme", class_code=0x010802)
 AHCI = endpoint("0000:00:1f.2", "ahci", class_code=0x010601)
@@ -250,7 +250,7 @@ def test_every_config_key_is_a_setting_with_an_option() -> None:
 
 @pytest.mark.parametrize("command", ["plan", "teardown", "exec"])
 def test_the_help_shows_each_default_from_the_table(command: str) -> None:
-    text = " ".join(CliRunner().invoke(cli, [command, "--help"]).stdout.split())
+    text = " ".join(runner().invoke(cli, [command, "--help"]).stdout.split())
     for setting in SETTINGS:
         if command == "plan" and setting.scope is not settings_module.Scope.PLAN:
             assert setting.option not in text
@@ -294,7 +294,7 @@ def test_a_bad_value_names_the_option_or_key_and_quotes_the_value_once(
 def test_a_bad_value_in_a_config_file_names_the_file_and_the_key(tmp_path: Path) -> None:
     path = tmp_path / "c.toml"
     path.write_text('unbind-timeout = "abc"\n')
-    result = CliRunner().invoke(cli, ["plan", "--config", str(path), "--snapshot", "/nonexistent"])
+    result = runner().invoke(cli, ["plan", "--config", str(path), "--snapshot", "/nonexistent"])
     assert result.exit_code == ExitCode.USAGE
     assert result.stderr.splitlines()[0] == (
         f"petitkexec: {path}: unbind-timeout: 'abc' must be a number of seconds of at least 0.1"

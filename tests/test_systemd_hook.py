@@ -10,10 +10,10 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 
 from petitkexec.cli import cli
 from petitkexec.install import UNITS
+from tests.clirun import runner
 
 HOOK = Path(__file__).parents[1] / "systemd" / "petitkexec.shutdown"
 STANDARD_LOCATIONS = ["/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin"]
@@ -95,7 +95,7 @@ def test_on_hang_continue_leaves_the_kexec_to_systemd(tmp_path: Path) -> None:
 
 
 def test_install_systemd_writes_the_hook_the_units_and_where_petitkexec_is(tmp_path: Path) -> None:
-    result = CliRunner().invoke(cli, ["install-systemd", "--root", str(tmp_path)])
+    result = runner().invoke(cli, ["install-systemd", "--root", str(tmp_path)])
     assert result.exit_code == 0, result.output
     hook = tmp_path / "usr/lib/systemd/system-shutdown/petitkexec.shutdown"
     assert hook.read_text() == HOOK.read_text() and os.access(hook, os.X_OK)
@@ -112,7 +112,7 @@ def test_install_systemd_writes_the_hook_the_units_and_where_petitkexec_is(tmp_p
 
 
 def test_install_systemd_print_writes_nothing(tmp_path: Path) -> None:
-    result = CliRunner().invoke(cli, ["install-systemd", "--root", str(tmp_path), "--print"])
+    result = runner().invoke(cli, ["install-systemd", "--root", str(tmp_path), "--print"])
     assert result.exit_code == 0
     assert "petitkexec.shutdown (mode 0755)" in result.stdout
     assert list(tmp_path.iterdir()) == []

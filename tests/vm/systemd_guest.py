@@ -9,14 +9,17 @@ builds (``--force``: from scratch), then boots each mode with the console on std
 
 The root file system is Debian's own packages put together by `mmdebstrap` (bookworm, amd64,
 from the Debian mirror the host's apt is configured with), with petitkexec installed from the
-working tree the README's way (`pip install .` inside the root) and `petitkexec install-systemd`
-run there. It is cached in two steps, each keyed by a hash of what shapes it:
+working tree the Debian way: the package scripts/build-deb makes (tests/vm/debian_package.py)
+installed with `apt-get install ./petitkexec_*.deb`, which puts the hook, the units (enabled by
+its postinst) and /etc/default/petitkexec in place, over Debian's own python3-click,
+python3-pyudev and python3-structlog. It is cached in two steps, each keyed by a hash of what
+shapes it:
 
 - ``base-<key>.tar``: mmdebstrap's output (the package list, the debconf and initramfs settings
   below). The cold build downloads ~200 MB and takes about 3 minutes here;
-- ``image-<key>/``: the base plus petitkexec and the test's guest files, as a tree (exported
+- ``image-<key>/``: the base plus the package and the test's guest files, as a tree (exported
   over virtio-9p when 9p is the root) and as ``root.ext4`` (``mkfs.ext4 -d``). Keyed also by
-  the project's files (pyproject, petitkexec/, systemd/ ...), so an edit rebuilds only this.
+  the .deb (itself cached by the files that shape it), so an edit rebuilds only this.
 
 The guest runs the test by itself (``pktest.service``, after multi-user.target):
 
@@ -63,8 +66,8 @@ import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
-from . import guest
-from .images.lanes import REPO_ROOT, cache_dir
+from . import debian_package, guest
+from .images.lanes import cache_dir
 from .images.run import ImageError, log, run
 
 SUITE = "bookworm"
@@ -74,8 +77,11 @@ PACKAGES = (
     "systemd-sysv",
     "udev",
     "python3",
-    "python3-pip",
-    "ca-certificates",  # pip's downloads from PyPI, inside the root
+    # petitkexec's dependencies, Debian's own: `apt install ./petitkexec_*.deb` then needs
+    # nothing from the network (mmdebstrap leaves no package lists in the root).
+    "python3-click",
+    "python3-pyudev",
+    "python3-structlog",
     "kexec-tools",
     "linux-image-amd64",
     "initramfs-tools",
@@ -96,26 +102,15 @@ ESSENTIAL_HOOKS = (
     "printf '%s\\n' " + " ".join(INITRAMFS_MODULES) + ' > "$1/usr/share/initramfs-tools/'
     'modules.d/petitkexec-test"',
 )
-# What of the working tree is installed (`pip install .`): everything at the top but these.
-PROJECT_SKIP = {
-    ".git",
-    ".cache",
-    ".ci",
-    "tests",
-    "bench",
-    "scripts",
-    "contrib",
-    "build",
-    "dist",
-    ".venv",
-    ".hypothesis",
-    ".mypy_cache",
-    ".ruff_cache",
-    ".pytest_cache",
-    "__pycache__",
-}
-HOST_TOOLS = ("mmdebstrap", "apt-get", "qemu-system-x86_64", "mkfs.ext4", "unshare", "chroot")
-HOST_CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
+HOST_TOOLS = (
+    "mmdebstrap",
+    "apt-get",
+    "qemu-system-x86_64",
+    "mkfs.ext4",
+    "unshare",
+    "chroot",
+    *debian_package.HOST_TOOLS,
+)
 GUEST_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 SMP = 1
@@ -198,8 +193,8 @@ second)
         echo "PKTEST-CONFIG $(stat -c '%U:%G %a' /etc/petitkexec.toml) $(cat /etc/petitkexec.toml)"
     fi
     echo "PKTEST-ROOT $(findmnt -n -o SOURCE,FSTYPE,OPTIONS /)"
-    systemd-analyze verify /etc/systemd/system/petitkexec-snapshot.service \
-        /etc/systemd/system/petitkexec-verify.service >/run/pktest-analyze 2>&1
+    systemd-analyze verify /lib/systemd/system/petitkexec-snapshot.service \
+        /lib/systemd/system/petitkexec-verify.service >/run/pktest-analyze 2>&1
     status=$?
     sed 's/^/PKTEST-ANALYZE /' /run/pktest-analyze
     echo "PKTEST-ANALYZE-EXIT $status"
@@ -276,23 +271,15 @@ GUEST_LINKS: dict[str, str] = {
 }
 # Written after CHROOT_STEPS (dpkg-divert has moved kexec-tools' binary to /sbin/kexec.real).
 AFTER_FILES: dict[str, tuple[int, str]] = {"usr/sbin/kexec": (0o755, KEXEC_WRAPPER)}
-# Run in the root (chroot) in this order; the project is at /src.
+# Where the .deb is put in the root, under its own name.
+DEB_DIR = "root"
+# Run in the root (chroot) in this order.
 CHROOT_STEPS: tuple[tuple[str, ...], ...] = (
     ("dpkg-divert", "--local", "--rename", "--divert", "/sbin/kexec.real", "--add", "/sbin/kexec"),
-    # The README's install: `pip install .` (pip 23 in bookworm refuses the system Python
-    # without --break-system-packages: PEP 668).
-    (
-        "python3",
-        "-m",
-        "pip",
-        "install",
-        "--break-system-packages",
-        "--root-user-action=ignore",
-        "--no-input",
-        "--progress-bar=off",
-        "/src",
-    ),
-    ("petitkexec", "install-systemd"),
+    # The README's install on Debian. Its dependencies are in the base already (PACKAGES):
+    # apt needs no package list and no network.
+    ("sh", "-c", f"cd /{DEB_DIR} && apt-get install -y -q ./petitkexec_*.deb"),
+    ("sh", "-c", f"rm /{DEB_DIR}/petitkexec_*.deb"),
 )
 
 
@@ -322,28 +309,9 @@ def _base_key() -> str:
     return _digest(SUITE, ARCH, PACKAGES, ESSENTIAL_HOOKS)
 
 
-def _project_files() -> list[Path]:
-    files = []
-    for top in sorted(REPO_ROOT.iterdir()):
-        if top.name in PROJECT_SKIP or top.name.endswith(".egg-info"):
-            continue
-        if top.is_file():
-            files.append(top)
-        elif top.is_dir():
-            files += sorted(
-                p
-                for p in top.rglob("*")
-                if p.is_file() and not PROJECT_SKIP.intersection(p.relative_to(top).parts)
-            )
-    return files
-
-
-def _image_key(base_key: str) -> str:
-    project = [
-        (str(p.relative_to(REPO_ROOT)), hashlib.sha256(p.read_bytes()).hexdigest())
-        for p in _project_files()
-    ]
-    return _digest(base_key, GUEST_FILES, GUEST_LINKS, CHROOT_STEPS, AFTER_FILES, project)
+def _image_key(base_key: str, deb: Path) -> str:
+    package = (deb.name, hashlib.sha256(deb.read_bytes()).hexdigest())
+    return _digest(base_key, GUEST_FILES, GUEST_LINKS, CHROOT_STEPS, AFTER_FILES, package)
 
 
 def host_sources(suite: str = SUITE) -> list[str]:
@@ -434,14 +402,13 @@ def _write_guest_files(root: Path) -> str:
 def _chroot_install(root: Path) -> None:
     """Run CHROOT_STEPS in the root, with /proc mounted in a private mount namespace (gone
     with it: nothing stays mounted on the host)."""
-    shutil.copyfile("/etc/resolv.conf", root / "etc/resolv.conf")  # pip reaches PyPI
-    env = {"PATH": GUEST_PATH, "HOME": "/root", "LANG": "C.UTF-8", "TMPDIR": "/tmp"}
-    # ... trusting what the host's pip trusts (a machine whose HTTPS goes through a proxy has
-    # its CA in the host's bundle, not in the new root's).
-    host_ca = os.environ.get("PIP_CERT") or HOST_CA_BUNDLE
-    if Path(host_ca).is_file():
-        shutil.copyfile(host_ca, root / "tmp/host-ca.crt")
-        env["PIP_CERT"] = "/tmp/host-ca.crt"
+    env = {
+        "PATH": GUEST_PATH,
+        "HOME": "/root",
+        "LANG": "C.UTF-8",
+        "TMPDIR": "/tmp",
+        "DEBIAN_FRONTEND": "noninteractive",
+    }
     script = "\n".join(
         [
             "set -eu",
@@ -455,13 +422,6 @@ def _chroot_install(root: Path) -> None:
     )
 
 
-def _copy_project(dest: Path) -> None:
-    for path in _project_files():
-        target = dest / path.relative_to(REPO_ROOT)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(path, target)
-
-
 def _tree_bytes(root: Path) -> int:
     total = 0
     for dirpath, _dirs, files in os.walk(root):
@@ -470,7 +430,7 @@ def _tree_bytes(root: Path) -> int:
     return total
 
 
-def _build_image(base: Path, image: Path) -> dict[str, object]:
+def _build_image(base: Path, image: Path, deb: Path) -> dict[str, object]:
     started = time.monotonic()
     work = Path(tempfile.mkdtemp(prefix=f"{image.name}.", dir=image.parent))
     try:
@@ -479,11 +439,8 @@ def _build_image(base: Path, image: Path) -> dict[str, object]:
         run(["tar", "-C", str(tree), "--numeric-owner", "--xattrs", "-xpf", str(base)])
         extracted = time.monotonic()
         kver = _write_guest_files(tree)
-        _copy_project(tree / "src")
+        shutil.copyfile(deb, tree / DEB_DIR / deb.name)
         _chroot_install(tree)
-        shutil.rmtree(tree / "src")
-        shutil.rmtree(tree / "root/.cache", ignore_errors=True)  # pip's
-        (tree / "tmp/host-ca.crt").unlink(missing_ok=True)
         _write_files(tree, AFTER_FILES)
         if not (tree / "usr/sbin/kexec.real").is_file():
             raise ImageError("dpkg-divert did not move kexec-tools' kexec to /sbin/kexec.real")
@@ -491,7 +448,7 @@ def _build_image(base: Path, image: Path) -> dict[str, object]:
         installed = time.monotonic()
         for name in ("petitkexec.shutdown",):
             if not (tree / "usr/lib/systemd/system-shutdown" / name).exists():
-                raise ImageError("install-systemd did not install the shutdown hook")
+                raise ImageError(f"{deb.name} did not install the shutdown hook")
         size = _tree_bytes(tree) * 13 // 10 + (256 << 20)
         disk = work / "root.ext4"
         with open(disk, "wb") as f:
@@ -506,6 +463,8 @@ def _build_image(base: Path, image: Path) -> dict[str, object]:
             "image_seconds": round(made - started, 1),
             "disk_bytes": size,
             "defaults": (tree / "etc/default/petitkexec").read_text(),
+            "deb": deb.name,
+            "deb_bytes": deb.stat().st_size,
         }
         (work / "info.json").write_text(json.dumps(info, indent=1))
         work.rename(image)
@@ -515,6 +474,28 @@ def _build_image(base: Path, image: Path) -> dict[str, object]:
             shutil.rmtree(work, ignore_errors=True)
 
 
+def _ensure_base(root: Path, force: bool) -> tuple[Path, float | None]:
+    """The cached base tarball, built if missing (or `force`), and the seconds that took
+    (None: cached). Called with the cache's lock held."""
+    base = root / f"base-{_base_key()}.tar"
+    if force or not base.exists():
+        for old in [*root.glob("base-*.tar"), *root.glob("base-*.json")]:
+            old.unlink()
+        return base, round(_build_base(base), 1)
+    return base, None
+
+
+def base_tarball() -> Path:
+    """mmdebstrap's Debian 12 root, as the guest starts from it: for a test that needs a fresh
+    Debian 12 root without booting it (tests/vm/test_debian_package.py). Extract it before
+    the next build() may replace it (a change of PACKAGES)."""
+    root = cache()
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _ensure_base(root, force=False)[0]
+
+
 def build(*, force: bool = False) -> SystemdImages:
     """The cached base and image, built if missing (or `force`)."""
     root = cache()
@@ -522,19 +503,15 @@ def build(*, force: bool = False) -> SystemdImages:
     with open(root / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         started = time.monotonic()
+        base, base_seconds = _ensure_base(root, force)
         base_key = _base_key()
-        base = root / f"base-{base_key}.tar"
-        base_seconds = None
-        if force or not base.exists():
-            for old in [*root.glob("base-*.tar"), *root.glob("base-*.json")]:
-                old.unlink()
-            base_seconds = round(_build_base(base), 1)
-        image = root / f"image-{_image_key(base_key)}"
+        deb = debian_package.build_deb()
+        image = root / f"image-{_image_key(base_key, deb)}"
         built = False
         if force and image.exists():
             shutil.rmtree(image)
         if not image.exists():
-            _build_image(base, image)
+            _build_image(base, image, deb)
             built = True
             for old in root.glob("image-*"):
                 if old != image:

@@ -20,7 +20,7 @@ from .lanes import REPO_ROOT
 from .python import GUEST_SITE_PACKAGES, compile_tree
 from .run import ImageError, log, run
 
-FALLBACK_DEPENDENCIES = ("click>=8.1", "pyudev>=0.24", "structlog>=23.1")
+FALLBACK_DEPENDENCIES = ("click>=8.1", "pyudev>=0.24", "structlog>=22.1")
 FALLBACK_ENTRY_POINT = "petitkexec.cli:main"
 WRAPPER = """#!/bin/sh
 # petitkexec, installed from the working tree by tests/vm/images/layers.py ({how}).
