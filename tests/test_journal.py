@@ -43,7 +43,7 @@ def test_undos_run_last_first_and_a_failure_does_not_stop_the_rest(
     journal.record(second)
     results = journal.rollback(sim.kernel)
     assert [(r.undo, r.ok) for r in results] == [(second, False), (first, True)]
-    assert results[0].detail.endswith(f"{NIC}/config: EIO (Input/output error): Input/output error")
+    assert results[0].detail == "COMMAND: EIO (Input/output error): Input/output error"
     assert results[1] == UndoResult(first, True, "")
     assert [w["data"] for w in sim.writes() if w["path"].endswith("/enable")] == ["1", "1"]
     assert sim.attribute(NIC, "enable") == "2"
@@ -109,6 +109,7 @@ def test_a_rebind_whose_probe_hangs_is_reported_at_its_deadline(make_sim: SimFac
 def test_a_refused_bind_is_reported_with_its_errno(make_sim: SimFactory) -> None:
     sim = make_sim([SimFunction(NIC, driver="e1000e")])
     kernel = sim.kernel
+    kernel.set_driver_override(B, "none")
     wait_first([kernel.start_unbind(B, "e1000e", 2)])
     sim.fail_write(NIC, "bind", errno.ENODEV)
     journal = Journal(undo_timeout_s=2)
