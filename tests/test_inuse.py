@@ -377,16 +377,19 @@ def test_arming_sets_the_timeout_pings_and_closes_without_the_magic_v(
     node.write_bytes(b"")
     real_open = os.open
 
+    opened: list[int] = []
+
     def open_(path: str, flags: int) -> int:
         calls.append(("open", (path, flags)))
-        return real_open(node, flags)
+        opened.append(real_open(node, flags))
+        return opened[-1]
+
+    def ioctl(fd: int, request: int, arg: bytes) -> None:
+        assert fd == opened[-1]  # on the watchdog's own descriptor
+        calls.append((hex(request), arg))
 
     monkeypatch.setattr(petitkexec.watchdog.os, "open", open_)
-    monkeypatch.setattr(
-        petitkexec.watchdog.fcntl,
-        "ioctl",
-        lambda fd, request, arg: calls.append((hex(request), arg)),
-    )
+    monkeypatch.setattr(petitkexec.watchdog.fcntl, "ioctl", ioctl)
     closed: list[int] = []
     real_close = os.close
 
@@ -407,7 +410,7 @@ def test_arming_sets_the_timeout_pings_and_closes_without_the_magic_v(
     disarm(watchdog)
     assert calls == [("open", ("/dev/watchdog1", os.O_WRONLY | os.O_CLOEXEC))]
     assert node.read_bytes() == b"V"  # the magic close stops it
-    assert len(closed) == 2
+    assert closed == opened and len(closed) == 2
 
 
 def sim_watchdog(sim: SimKernel, bdf: str, stop_on_reboot_parameter: str) -> None:
