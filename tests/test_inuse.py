@@ -240,6 +240,12 @@ def test_live_update_protects_every_vfio_pci_function_and_asks_for_kexec_s(
         ("kho", None),  # kstrtobool(NULL): -EINVAL, left off
         ("kho=maybe", None),  # -EINVAL: left as it was, off
         ("kho=1 kho=0", None),  # every occurrence is parsed: the last one wins
+        ("kho=1 kho=no", None),
+        ("kho=1 kho=N", None),
+        ("kho=1 kho=false", None),
+        ("kho=1 kho=F", None),
+        ("kho=1 kho=off", None),
+        ("kho=1 kho=OFF", None),
         ("kho=0 kho=yes", "kho=yes"),
         ("kho=1 kho=maybe", "kho=1"),  # an invalid one changes nothing
         ("liveupdate=0 kho=1", "kho=1"),
