@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from petitkexec.bdf import Bdf
@@ -27,9 +27,13 @@ def read_mounts(proc_root: Path) -> list[Mount]:
     return read_mountinfo(proc_root / "self" / "mountinfo")
 
 
-def gather_facts(sysfs_root: Path, proc_root: Path = Path("/proc")) -> SystemFacts:
+def gather_facts(
+    sysfs_root: Path,
+    proc_root: Path = Path("/proc"),
+    stat_file: Callable[[str], os.stat_result] = os.stat,
+) -> SystemFacts:
     mounts = _own_mounts(proc_root)
-    storage = Storage(sysfs_root, proc_root, mounts)
+    storage = Storage(sysfs_root, proc_root, mounts, stat_file=stat_file)
     busy = scan_busy(sysfs_root, proc_root, storage)
     return SystemFacts(
         needed=needed_functions(storage, busy),
@@ -46,6 +50,7 @@ def needed_functions(storage: Storage, busy: BusyScan) -> dict[Bdf, str]:
     needed: dict[Bdf, str] = {}
     for needs in (
         _mount_needs(storage, storage.mounts),
+        _hidden_root_needs(storage),
         _swap_needs(storage),
         _zfs_pool_needs(storage),
         _console_needs(sysfs_root),
@@ -92,14 +97,30 @@ def _own_mounts(proc_root: Path) -> list[Mount]:
         raise PreflightRefused(f"{proc_root}/self/mountinfo: {error}") from error
 
 
+def _hidden_root_needs(storage: Storage) -> Iterator[tuple[Bdf, str]]:
+    for backing in storage.hidden_root():
+        yield (
+            backing.bdf,
+            backing.reason(
+                "backs / of this chroot (its mount lies outside it: not in our mount table)"
+            ),
+        )
+
+
 def _mount_needs(
-    storage: Storage, mounts: Sequence[Mount], namespace: tuple[int, str] | None = None
+    storage: Storage,
+    mounts: Sequence[Mount],
+    namespace: tuple[int, str] | None = None,
+    outside_chroot: bool = False,
 ) -> Iterator[tuple[Bdf, str]]:
     """Writable mounts and the root file system (the handoff still runs programs from it);
-    `namespace` (pid, command) names another mount namespace whose table this is."""
+    `namespace` (pid, command) names the process whose table this is: one in another mount
+    namespace, or one in ours whose root lies outside this chroot (`outside_chroot`)."""
     where, root = "", ""
     if namespace is not None:
         where = f" in the mount namespace of pid {namespace[0]} ({namespace[1]})"
+        if outside_chroot:
+            where = f" as pid {namespace[0]} ({namespace[1]}) sees it, outside this chroot"
         root = f"{storage.proc_root}/{namespace[0]}/root"
     # Only a 9p mount needs the virtio devices' tags; most systems have none.
     has_9p = any(mount.fstype == "9p" for mount in mounts)
@@ -129,7 +150,14 @@ def _other_namespace_needs(
     storage: Storage, namespaces: dict[str, int]
 ) -> Iterator[tuple[Bdf, str]]:
     """The mount tables of the other mount namespaces (containers, `unshare -m`), read through
-    one process in each (/proc/PID/mountinfo); a mount already in our table adds nothing."""
+    one process in each (/proc/PID/mountinfo, the lowest pid: its init); a mount already in
+    our table adds nothing.
+
+    Ours is read through its lowest pid too (pid 1 on a host): the kernel filters a table by
+    the root of the process it belongs to (mounts_open_common() takes that task's fs root,
+    show_mountinfo() skips what seq_path_root() cannot reach from it), so in a chroot our own
+    table lacks every mount outside it, the live root disk's among them, while pid 1's lists
+    them. Outside a chroot its lines are all ours, and add nothing."""
     try:
         own = os.readlink(storage.proc_root / "self" / "ns" / "mnt")
     except OSError:
@@ -138,8 +166,6 @@ def _other_namespace_needs(
         (m.device, m.fstype, m.source, m.writable) for m in storage.mounts
     }
     for namespace, pid in sorted(namespaces.items(), key=lambda item: item[1]):
-        if namespace == own:
-            continue
         try:
             lines = (storage.proc_root / str(pid) / "mountinfo").read_text().splitlines()
         except OSError:
@@ -153,7 +179,9 @@ def _other_namespace_needs(
                     new.append(Mount.parse(line))
                 except ValueError:
                     continue  # a table we cannot read adds nothing; ours was refused above
-        yield from _mount_needs(storage, new, (pid, command_of(storage.proc_root, pid)))
+        if new:
+            process = (pid, command_of(storage.proc_root, pid))
+            yield from _mount_needs(storage, new, process, outside_chroot=namespace == own)
 
 
 def _mount_key(line: str) -> tuple[object, ...]:

@@ -43,7 +43,7 @@ class NodeUse:
 @dataclass(frozen=True, eq=False)
 class ProcessScan:
     """What one walk over every process found: the device nodes held open, and one process
-    in each mount namespace (namespace link text → the first pid seen in it)."""
+    in each mount namespace (namespace link text → the lowest pid in it)."""
 
     held: list[tuple[str, int, int]]
     mount_namespaces: dict[str, int]
@@ -143,8 +143,10 @@ def scan_processes(proc_root: Path, wanted: set[str]) -> ProcessScan:
             pid = int(name)
             files, namespace = _held_open(f"{root}/{name}/fd", wanted)
             held.extend((target, pid, fd) for target, fd in files)
-            if namespace is not None:
-                namespaces.setdefault(namespace, pid)
+            # The lowest pid of a namespace is its init, whose root is the namespace's: its
+            # table lists every mount (a table omits what its process's root cannot reach).
+            if namespace is not None and pid < namespaces.get(namespace, pid + 1):
+                namespaces[namespace] = pid
     return ProcessScan(held, namespaces)
 
 

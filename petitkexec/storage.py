@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 import stat
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,12 +49,14 @@ class Storage:
     """Resolves block devices, file systems and paths to the PCI functions below them.
 
     `mounts` is this process's mount table (an anonymous st_dev is looked up there); answers
-    are cached for one gather_facts()."""
+    are cached for one gather_facts(). `stat_file` is os.stat (tests give it a file system's
+    numbers)."""
 
     sysfs_root: Path
     proc_root: Path
     mounts: Sequence[Mount] = ()
     udev_data: Path = UDEV_DATA
+    stat_file: Callable[[str], os.stat_result] = os.stat
     _cache: dict[Device, frozenset[Backing]] = field(default_factory=dict, repr=False)
 
     @property
@@ -106,8 +108,8 @@ class Storage:
             return {Backing(b, how) for b, _ in active_network_functions(self.sysfs_root)}
         # A path in another namespace's table was seen by whoever mounted it: dockerd names
         # overlay layers in the host's tree, `unshare -m` in its own.
-        status = _stat(root + path) if root else None
-        status = status or _stat(path)
+        status = self._stat(root + path) if root else None
+        status = status or self._stat(path)
         if status is None:
             return set()
         if stat.S_ISBLK(status.st_mode):
@@ -119,6 +121,24 @@ class Storage:
             if mount.device == device:
                 return self.file_system(mount, depth, root)
         return set()
+
+    def hidden_root(self) -> set[Backing]:
+        """The functions below this process's own `/` when no mount in its table is `/`: in a
+        chroot whose directory is no mount point, the file system holding it is mounted outside
+        the chroot, and show_mountinfo() skips such a mount (seq_path_root() answers SEQ_SKIP
+        for a path not reachable from the root of the process whose table it is). stat() of
+        /proc/self/root (our root, through procfs's link) still gives its st_dev. It is the
+        file system this process runs from (no server of it can be gone without us having hung
+        already), and its flags are unknown: needed even when read-only."""
+        if any(mount.mount_point == "/" for mount in self.mounts):
+            return set()
+        return self.path(f"{self.proc_root}/self/root")
+
+    def _stat(self, path: str) -> os.stat_result | None:
+        try:
+            return self.stat_file(path)
+        except OSError:
+            return None
 
     def file_system(self, mount: Mount, depth: int = 0, root: str = "") -> set[Backing]:
         """The functions a mounted file system writes through, by its kind."""
@@ -145,18 +165,14 @@ class Storage:
             found |= self.block_device(device, depth)
         return found
 
-    @staticmethod
-    def _source_device(mount: Mount, root: str) -> list[Device]:
+    def _source_device(self, mount: Mount, root: str) -> list[Device]:
         """btrfs and friends report an anonymous st_dev: fall back to the source node."""
         if not mount.source.startswith("/"):
             return []
         for candidate in (root + mount.source, mount.source) if root else (mount.source,):
-            try:
-                rdev = os.stat(candidate).st_rdev
-            except OSError:
-                continue
-            if rdev:
-                return [_split(rdev)]
+            status = self._stat(candidate)
+            if status is not None and status.st_rdev:
+                return [_split(status.st_rdev)]
         return []
 
     def btrfs_devices(self, device: Device) -> list[Device]:
@@ -226,13 +242,6 @@ class Storage:
             if major.isdigit() and minor.isdigit():
                 disks.append((int(major), int(minor)))
         return disks
-
-
-def _stat(path: str) -> os.stat_result | None:
-    try:
-        return os.stat(path)
-    except OSError:
-        return None
 
 
 def _split(number: int) -> Device:

@@ -579,3 +579,39 @@ def test_a_disk_read_only_here_but_writable_in_another_namespace_is_protected(
     assert machine.needed() == {
         "0000:00:1f.2": "backs /rw mounted rw in the mount namespace of pid 900 (worker)"
     }
+
+
+def test_in_a_chroot_the_disks_only_pid_1_sees_are_protected_naming_the_chroot(
+    machine: FakeMachine,
+) -> None:
+    # The kernel filters /proc/PID/mountinfo by PID's root (mounts_open_common(),
+    # show_mountinfo()): in a chroot ours lacks the host's mounts, pid 1's has them.
+    machine.block("pci0000:00/0000:00:1c.0/0000:01:00.0/nvme/nvme0/nvme0n1", "259:0")
+    machine.block("pci0000:00/0000:00:1f.2/ata1/host0/target0:0:0/0:0:0:0/block/sdb", "8:16")
+    proc = "300 29 0:5 / /proc rw,nosuid - proc proc rw"
+    machine.mount(proc)
+    (machine.proc / "self" / "ns").mkdir()
+    os.symlink(OWN_NAMESPACE, machine.proc / "self" / "ns" / "mnt")
+    systemd = in_namespace(machine, 1, "systemd", OWN_NAMESPACE)
+    (systemd / "mountinfo").write_text(
+        "29 1 259:0 / / rw,relatime shared:1 - ext4 /dev/nvme0n1 rw\n"
+        "30 29 8:16 / /home rw,relatime shared:2 - xfs /dev/sdb rw\n"
+        "31 29 8:16 / /srv ro,relatime shared:3 - xfs /dev/sdb ro\n"
+        "300 29 0:5 / /srv/chroot/proc rw,nosuid - proc proc rw\n"
+    )
+    in_namespace(machine, 4242, "petitkexec", OWN_NAMESPACE)
+    outside = "as pid 1 (systemd) sees it, outside this chroot"
+    assert machine.needed() == {
+        NVME: f"backs / mounted rw {outside}",
+        "0000:00:1f.2": f"backs /home mounted rw {outside}",
+    }
+
+
+def test_outside_a_chroot_pid_1s_table_adds_nothing(machine: FakeMachine) -> None:
+    machine.block("pci0000:00/0000:00:1f.2/ata1/host0/target0:0:0/0:0:0:0/block/sdb", "8:16")
+    table = "30 29 8:16 / /home ro,relatime shared:2 - xfs /dev/sdb ro"
+    machine.mount(table)
+    (machine.proc / "self" / "ns").mkdir()
+    os.symlink(OWN_NAMESPACE, machine.proc / "self" / "ns" / "mnt")
+    in_namespace(machine, 1, "systemd", OWN_NAMESPACE).joinpath("mountinfo").write_text(table)
+    assert machine.needed() == {}

@@ -37,7 +37,9 @@ The guest runs the test by itself (``pktest.service``, after multi-user.target):
 With ``mode="hang"`` the root file system is the image's tree over virtio-9p (a writable
 overlay on the host: the cache stays pristine), ``/etc/petitkexec.toml`` lifts the share's
 protection (``unprotect``), so the hook's unbind of the share's device hangs in
-``p9_virtio_remove()``. ``mode="hang-past-limit"`` is the same with the unbind's deadline
+``p9_virtio_remove()``; its ``unbind-timeout`` (60 s) is longer than the hook's time limit
+(``PETITKEXEC_TIME_LIMIT=10``), which is what cuts the hang short. ``mode="hang-past-limit"``
+is the same with the unbind's deadline
 (``unbind-timeout``) and the hook's time limit raised past systemd's 90 s hook limit.
 
 With ``mode="missing-driver"`` the first boot is the ``kexec`` one, but the second kernel's
@@ -126,6 +128,10 @@ MODES = ("kexec", "hang", "hang-past-limit", "missing-driver")
 # the hook's time limit raised past it), so systemd's SIGTERM comes while petitkexec waits.
 PAST_LIMIT_UNBIND_TIMEOUT = 100
 PAST_LIMIT_TIME_LIMIT = 120
+# mode hang: the hook's time limit (/etc/default/petitkexec) below the unbind deadline
+# (/etc/petitkexec.toml), so the time limit is what ends the hung unbind.
+HANG_TIME_LIMIT = 10
+HANG_UNBIND_TIMEOUT = 60
 NINEP_ROOTFLAGS = "trans=virtio,version=9p2000.L,msize=262144,cache=loose"
 TOPOLOGY: tuple[str, ...] = (
     *(
@@ -724,6 +730,9 @@ def _kernel_append(mode: str, marker: str, root: str) -> str:
     words.append(f"pktest={mode}")
     if mode in ("hang", "hang-past-limit"):
         words.append(f"pkunprotect={VIRTFS_BDF}")
+    if mode == "hang":
+        words.append(f"pkunbindtimeout={HANG_UNBIND_TIMEOUT}")
+        words.append(f"pktimelimit={HANG_TIME_LIMIT}")
     if mode == "hang-past-limit":
         words.append(f"pkunbindtimeout={PAST_LIMIT_UNBIND_TIMEOUT}")
         words.append(f"pktimelimit={PAST_LIMIT_TIME_LIMIT}")
