@@ -375,16 +375,22 @@ class SimKernel:
         asynchronous probe, a module load): binds the function's driver, or the one its
         driver_override names, unless the override is `none` (pci_match_device()).
         Returns the driver bound, if any."""
-        if not self.exists(bdf) or self.driver_of(bdf) is not None:
+        function = self.by_bdf[bdf]
+        if function.probe_hangs or self._defers(bdf):
             return None
-        function, override = self.by_bdf[bdf], self.attribute(bdf, "driver_override")
-        wanted = driver or function.driver
-        if override != "(null)":  # the override decides which driver may bind, if any
-            wanted = override if driver in (None, override) else None
-        if wanted in (None, "none") or function.probe_hangs or self._defers(bdf):
-            return None
-        assert wanted is not None
+        # __device_attach() holds device_lock while pci_match_device() reads driver_override:
+        # an override write (driver_set_override(), under the same lock) is either wholly
+        # before the match or wholly after it, never read half written.
         with self._device_lock(bdf):
+            if not self.exists(bdf) or self.driver_of(bdf) is not None:
+                return None
+            override = self.attribute(bdf, "driver_override")
+            wanted = driver or function.driver
+            if override != "(null)":  # the override decides which driver may bind, if any
+                wanted = override if driver in (None, override) else None
+            if wanted in (None, "none"):
+                return None
+            assert wanted is not None
             self._probe(bdf, wanted)
         self._log_event(bdf, f"probed {wanted}")
         return wanted
@@ -533,7 +539,11 @@ class SimKernel:
         self, bdf: str, text: str, _data: bytes, _offset: int | None
     ) -> None:
         with self._device_lock(bdf):  # driver_set_override()
-            (self.device_dir(bdf) / "driver_override").write_text((text or "(null)") + "\n")
+            # Replaced whole, as the kernel swaps the string: a reader never sees it empty.
+            attribute = self.device_dir(bdf) / "driver_override"
+            staged = attribute.with_name(".driver_override.new")
+            staged.write_text((text or "(null)") + "\n")
+            os.replace(staged, attribute)
 
     def _write_config(self, bdf: str, _text: str, data: bytes, offset: int | None) -> None:
         if self.lockdown in ("integrity", "confidentiality"):
