@@ -95,5 +95,32 @@ def build_module(images: Images | None = None) -> Path:
     return ko
 
 
+# Free pcie.0 slots for edu devices: 0x09 is the 9p share, 0x0a a root port, 0x0b the i6300esb.
+EDU_SLOTS = range(0x0C, 0x1C)
+
+
+def edu_bdf(n: int) -> str:
+    return f"0000:00:{EDU_SLOTS[n]:02x}.0"
+
+
+def edu_qemu_args(count: int) -> list[str]:
+    """`count` edu devices (conventional PCI) on the root bus, from 00:0c.0 on."""
+    if count > len(EDU_SLOTS):
+        raise ValueError(f"at most {len(EDU_SLOTS)} edu devices")
+    return [arg for n in range(count) for arg in ("-device", f"edu,bus=pcie.0,addr={EDU_SLOTS[n]:#x}")]
+
+
+def load_lines(count: int, *, remove_ms: int, shutdown_ms: int, **bdfs: str) -> str:
+    """Stage-1 shell lines: insmod the driver (hang_remove=/sloppy_remove= a BDF), then check
+    that it bound all `count` edu devices (SLOWDEV-BOUND n)."""
+    options = " ".join(f"{name}={bdf}" for name, bdf in bdfs.items())
+    return (
+        f"insmod /{IN_GUEST} remove_ms={remove_ms} shutdown_ms={shutdown_ms} {options}\n"
+        f"set -- /sys/bus/pci/drivers/{MODULE}/0000:*\n"
+        'echo "SLOWDEV-BOUND $#"\n'
+        f'[ "$#" -eq {count} ] || {{ echo SCENARIO-SLOWDEV-MISSING; exit 9; }}\n'
+    )
+
+
 if __name__ == "__main__":
     print(build_module())
