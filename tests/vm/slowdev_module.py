@@ -107,7 +107,9 @@ def edu_qemu_args(count: int) -> list[str]:
     """`count` edu devices (conventional PCI) on the root bus, from 00:0c.0 on."""
     if count > len(EDU_SLOTS):
         raise ValueError(f"at most {len(EDU_SLOTS)} edu devices")
-    return [arg for n in range(count) for arg in ("-device", f"edu,bus=pcie.0,addr={EDU_SLOTS[n]:#x}")]
+    return [
+        arg for n in range(count) for arg in ("-device", f"edu,bus=pcie.0,addr={EDU_SLOTS[n]:#x}")
+    ]
 
 
 def load_lines(count: int, *, remove_ms: int, shutdown_ms: int, **bdfs: str) -> str:

@@ -10,7 +10,10 @@
  * Parameters (all per module, read when the callback runs):
  *   remove_ms     how long remove() takes (unbind, what petitkexec does to each function)
  *   shutdown_ms   how long shutdown() takes (what plain `kexec -e` makes each bound driver do)
- *   hang_remove   a PCI address (0000:00:0c.0) whose remove() never returns
+ *   hang_remove   a PCI address (0000:00:0c.0) whose remove() does not return while it is
+ *                 set (writable at run time: writing "" lets the stuck remove() return, so
+ *                 a test can power its guest off; the kernel's own shutdown would wait on
+ *                 the device lock for ever otherwise)
  *   sloppy_remove a PCI address whose remove() leaves bus mastering on
  */
 #include <linux/delay.h>
@@ -27,7 +30,7 @@ MODULE_PARM_DESC(shutdown_ms, "milliseconds shutdown() takes");
 
 static char hang_remove[16];
 module_param_string(hang_remove, hang_remove, sizeof(hang_remove), 0644);
-MODULE_PARM_DESC(hang_remove, "PCI address whose remove() never returns");
+MODULE_PARM_DESC(hang_remove, "PCI address whose remove() waits while this is set");
 
 static char sloppy_remove[16];
 module_param_string(sloppy_remove, sloppy_remove, sizeof(sloppy_remove), 0644);
@@ -63,9 +66,10 @@ static int slowdev_probe(struct pci_dev *pdev, const struct pci_device_id *id)
 static void slowdev_remove(struct pci_dev *pdev)
 {
 	if (is(pdev, hang_remove)) {
-		dev_info(&pdev->dev, "slowdev remove: hanging for ever\n");
-		for (;;)
-			ssleep(60);
+		dev_info(&pdev->dev, "slowdev remove: hanging until hang_remove is cleared\n");
+		/* Unlocked read of a test knob: a stale value only costs one more second. */
+		while (is(pdev, hang_remove))
+			ssleep(1);
 	}
 	msleep(remove_ms);
 	if (is(pdev, sloppy_remove)) {
