@@ -1,7 +1,8 @@
 """How long finding the devices in use takes on a host with many processes.
 
 Builds a fake /proc (N processes, FDS open files each: pipes, sockets, /dev/null, ttys, and one
-process holding an NVMe controller) and a sysfs with 64 device nodes below PCI functions, then
+process holding an NVMe controller; each with its mount namespace link, one in 50 in a
+container's) and a sysfs with 64 device nodes below PCI functions, then
 times petitkexec.inuse.functions_in_use and, in turn with it, the scan it replaced (one
 readlink by full path per fd, Path objects per process). Prints median wall and CPU time
 (user + sys of this process: the machine is shared, wall time waits for a core), the ratio
@@ -39,6 +40,9 @@ def build(root: Path, processes: int) -> tuple[Path, Path]:
         fd_dir = proc / str(pid) / "fd"
         fd_dir.mkdir(parents=True)
         (proc / str(pid) / "comm").write_text("worker\n")
+        (proc / str(pid) / "ns").mkdir()
+        namespace = 4026531841 if pid % 50 else 4026532000 + pid
+        os.symlink(f"mnt:[{namespace}]", proc / str(pid) / "ns" / "mnt")
         for fd in range(FDS):
             os.symlink(COMMON_TARGETS[fd % len(COMMON_TARGETS)], fd_dir / str(fd))
     os.symlink("/dev/nvme7", proc / "1" / "fd" / "99")  # the one in use

@@ -2,7 +2,7 @@
 
 The q35 TCG guest of tests/vm with N of QEMU's edu devices bound by the slow test driver
 (tests/vm/slowdev/), whose remove() and shutdown() each take T seconds, as an NVMe
-controller's shutdown does (about 4.5 s on many drives). Plain `kexec -e` pays N × T: the
+controller's shutdown does (about 4.5 s on many drives). Plain `kexec -e` pays N x T: the
 kernel's device_shutdown() calls each bound driver's ->shutdown serially. petitkexec unbinds
 them side by side (its default --jobs), so it pays about T plus its own start.
 
@@ -15,7 +15,6 @@ critical path is the teardown's own summary. Prints a table:
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 import time
 from pathlib import Path
@@ -71,7 +70,7 @@ def main() -> None:
         print(f"N={count}: plain {plain:.2f} s, petitkexec {ours:.2f} s", file=sys.stderr)
 
     print(
-        f"| N × {options.seconds:g} s | plain `kexec -e` | `petitkexec exec` | ratio | "
+        f"| N x {options.seconds:g} s | plain `kexec -e` | `petitkexec exec` | ratio | "
         "critical path | wall of both boots |\n| --- | --- | --- | --- | --- | --- |"
     )
     for count, plain, ours, critical, wall in rows:

@@ -1,5 +1,8 @@
-"""Which PCI functions carry a block device's I/O: through partitions, dm/md `slaves` and
-nvme multipath. Read from sysfs only, its root a parameter."""
+"""Which PCI functions carry a block device's I/O: through partitions, dm/md/bcache `slaves`,
+a bcache device's cache set and nvme multipath. Read from sysfs only, its root a parameter.
+
+What a walk ends on without a PCI function (nbd0, loop0, an NVMe over TCP controller, an iSCSI
+session's disk) is handed back as a leaf for petitkexec.storage to follow further."""
 
 from __future__ import annotations
 
@@ -16,7 +19,14 @@ MAX_LINK_HOPS = 40  # as the kernel's path walk (MAXSYMLINKS): then ELOOP
 def functions_behind_block_device(sysfs_root: Path, device: tuple[int, int]) -> set[Bdf]:
     """Follow a block device (major, minor) through partitions, dm/md `slaves` and nvme
     multipath to PCI."""
+    return walk_block_device(sysfs_root, device)[0]
+
+
+def walk_block_device(sysfs_root: Path, device: tuple[int, int]) -> tuple[set[Bdf], list[Path]]:
+    """The PCI functions below a block device, and the sysfs directories the walk ended on
+    below no PCI function (its leaves: virtual, network or file-backed devices)."""
     found: set[Bdf] = set()
+    leaves: list[Path] = []
     seen: set[Path] = set()
     pending = [sysfs_root / "dev" / "block" / f"{device[0]}:{device[1]}"]
     while pending:
@@ -39,12 +49,33 @@ def functions_behind_block_device(sysfs_root: Path, device: tuple[int, int]) -> 
             ]
         if node.parent.name != "block" and (node / "partition").exists():
             lower.append(node.parent)  # a partition sits inside its disk's directory
+        # A bcache device links only its backing device as a slave (bd_link_disk_holder() in
+        # cached_dev_run()); a write-back cache holds dirty data too: its cache set's cacheN
+        # links lead to .../block/sdX/bcache, inside the caching device's directory.
+        lower.extend(_bcache_caching_devices(node))
         if lower:
             pending.extend(lower)
             continue
         if bdf := Bdf.innermost_in(str(node)):
             found.add(bdf)
-    return found
+        else:
+            leaves.append(node)
+    return found, leaves
+
+
+def _bcache_caching_devices(node: Path) -> list[Path]:
+    try:
+        cache_set = Path(resolve_link(node / "bcache" / "cache"))
+    except OSError:
+        return []  # not a bcache device, or one without a cache
+    devices = []
+    for cache in _entries(cache_set):
+        if re.fullmatch(r"cache\d+", cache.name):
+            try:
+                devices.append(Path(resolve_link(cache)).parent)
+            except OSError:
+                continue
+    return devices
 
 
 def resolve_link(path: str | os.PathLike[str]) -> str:

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import click
 
+from petitkexec import __version__
 from petitkexec.environment import Environment
 from petitkexec.errors import (
     INTERNAL_HINT,
@@ -122,7 +123,7 @@ def _die(error: BaseException, *, debug: bool) -> NoReturn:
 )
 @click.option("-v", "--verbose", is_flag=True, help="Log progress (stderr).")
 @click.option("--debug", is_flag=True, help="Debug logs, and a traceback on errors.")
-@click.version_option(package_name="petitkexec")
+@click.version_option(version=__version__, package_name="petitkexec")
 @click.pass_context
 def cli(context: click.Context, verbose: bool, debug: bool) -> None:
     """Quiesce PCI devices the way remove() does, then hand off to kexec."""

@@ -1,89 +1,62 @@
-"""What the running system needs: the PCI functions behind its mounts, swap and console.
+"""What the running system needs: the PCI functions behind its mounts (in every mount
+namespace), swap, imported ZFS pools and console, through whatever they are stacked on
+(petitkexec.storage).
 
-Read from mountinfo and sysfs only (no pyudev), with both roots as parameters so tests can
-build them under a temporary directory.
+Read from mountinfo, /proc and sysfs only (no pyudev), with both roots as parameters so tests
+can build them under a temporary directory.
 """
 
 from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from petitkexec.bdf import Bdf
-from petitkexec.blockdev import functions_behind_block_device
 from petitkexec.errors import PreflightRefused
-from petitkexec.inuse import NodeUse, in_use_and_live_update
+from petitkexec.inuse import BusyScan, command_of, scan_busy
 from petitkexec.model import SystemFacts
+from petitkexec.mounts import NETWORK_FILESYSTEMS, Mount, read_mountinfo, unescape
+from petitkexec.netstorage import active_network_functions
+from petitkexec.storage import Storage
 from petitkexec.watchdog import watchdogs
 
 
-@dataclass(frozen=True)
-class Mount:
-    """One mounted file system, from /proc/self/mountinfo."""
-
-    device: tuple[int, int]  # st_dev of the file system: (major, minor)
-    mount_point: str
-    fstype: str
-    source: str
-    writable: bool
-
-    @classmethod
-    def parse(cls, line: str) -> Mount:
-        """One line of mountinfo(5); ValueError if it is not one."""
-        # ID PARENT MAJ:MIN ROOT POINT OPTIONS [OPTIONAL...] - FSTYPE SOURCE SUPER
-        before, separator, after = line.partition(" - ")
-        fields, tail = before.split(), after.split()
-        if not separator or len(fields) < 6 or not tail or fields[2].count(":") != 1:
-            raise ValueError(f"not a mountinfo line: {line!r}")
-        major, minor = fields[2].split(":")
-        options = fields[5].split(",")
-        super_options = tail[2].split(",") if len(tail) > 2 else []
-        return cls(
-            device=(int(major), int(minor)),
-            mount_point=_unescape(fields[4]),
-            fstype=tail[0],
-            source=_unescape(tail[1]) if len(tail) > 1 else "",
-            writable="rw" in options and "ro" not in super_options,
-        )
-
-
-def _unescape(text: str) -> str:
-    """mountinfo escapes space, tab, newline and backslash as octal."""
-    if "\\" not in text:
-        return text  # the usual case: no substitution to run for every field of every line
-    return re.sub(r"\\([0-7]{3})", lambda match: chr(int(match[1], 8)), text)
-
-
 def read_mounts(proc_root: Path) -> list[Mount]:
-    text = (proc_root / "self" / "mountinfo").read_text()
-    return [Mount.parse(line) for line in text.splitlines() if line.strip()]
+    return read_mountinfo(proc_root / "self" / "mountinfo")
 
 
-def gather_facts(sysfs_root: Path, proc_root: Path = Path("/proc")) -> SystemFacts:
-    in_use, live_update = in_use_and_live_update(sysfs_root, proc_root)
+def gather_facts(
+    sysfs_root: Path,
+    proc_root: Path = Path("/proc"),
+    stat_file: Callable[[str], os.stat_result] = os.stat,
+) -> SystemFacts:
+    mounts = _own_mounts(proc_root)
+    storage = Storage(sysfs_root, proc_root, mounts, stat_file=stat_file)
+    busy = scan_busy(sysfs_root, proc_root, storage)
     return SystemFacts(
-        needed=needed_functions(sysfs_root, proc_root, in_use, live_update),
+        needed=needed_functions(storage, busy),
         lockdown=read_lockdown(sysfs_root),
         kexec_loaded=read_kexec_loaded(sysfs_root),
-        live_update=live_update,
+        live_update=busy.live_update,
         powernv=(sysfs_root / "firmware" / "opal").exists(),
     )
 
 
-def needed_functions(
-    sysfs_root: Path, proc_root: Path, in_use: list[NodeUse], live_update: str | None
-) -> dict[Bdf, str]:
+def needed_functions(storage: Storage, busy: BusyScan) -> dict[Bdf, str]:
     """Map each PCI function the running system needs to why, first reason wins."""
+    sysfs_root = storage.sysfs_root
     needed: dict[Bdf, str] = {}
     for needs in (
-        _mount_needs(sysfs_root, proc_root),
-        _swap_needs(sysfs_root, proc_root),
+        _mount_needs(storage, storage.mounts),
+        _hidden_root_needs(storage),
+        _swap_needs(storage),
+        _zfs_pool_needs(storage),
         _console_needs(sysfs_root),
-        ((use.bdf, str(use)) for use in in_use),
-        _live_update_needs(sysfs_root, live_update),
+        ((use.bdf, str(use)) for use in busy.in_use),
+        _other_namespace_needs(storage, busy.mount_namespaces),
+        _live_update_needs(sysfs_root, busy.live_update),
         _watchdog_needs(sysfs_root),
     ):
         for bdf, reason in needs:
@@ -109,12 +82,11 @@ def _watchdog_needs(sysfs_root: Path) -> Iterator[tuple[Bdf, str]]:
             yield watchdog.bdf, f"hardware watchdog {watchdog.name} is running"
 
 
-def _mount_needs(sysfs_root: Path, proc_root: Path) -> Iterator[tuple[Bdf, str]]:
-    """Writable mounts and the root file system (the handoff still runs programs from it)."""
+def _own_mounts(proc_root: Path) -> list[Mount]:
     # Without the mount table nothing tells which disks the running system still writes to:
     # refuse rather than guess.
     try:
-        mounts = read_mounts(proc_root)
+        return read_mounts(proc_root)
     except OSError as error:
         raise PreflightRefused(
             f"cannot read {proc_root}/self/mountinfo ({error.strerror}): the disks the "
@@ -123,75 +95,114 @@ def _mount_needs(sysfs_root: Path, proc_root: Path) -> Iterator[tuple[Bdf, str]]
         ) from error
     except ValueError as error:
         raise PreflightRefused(f"{proc_root}/self/mountinfo: {error}") from error
+
+
+def _hidden_root_needs(storage: Storage) -> Iterator[tuple[Bdf, str]]:
+    for backing in storage.hidden_root():
+        yield (
+            backing.bdf,
+            backing.reason(
+                "backs / of this chroot (its mount lies outside it: not in our mount table)"
+            ),
+        )
+
+
+def _mount_needs(
+    storage: Storage,
+    mounts: Sequence[Mount],
+    namespace: tuple[int, str] | None = None,
+    outside_chroot: bool = False,
+) -> Iterator[tuple[Bdf, str]]:
+    """Writable mounts and the root file system (the handoff still runs programs from it);
+    `namespace` (pid, command) names the process whose table this is: one in another mount
+    namespace, or one in ours whose root lies outside this chroot (`outside_chroot`)."""
+    where, root = "", ""
+    if namespace is not None:
+        where = f" in the mount namespace of pid {namespace[0]} ({namespace[1]})"
+        if outside_chroot:
+            where = f" as pid {namespace[0]} ({namespace[1]}) sees it, outside this chroot"
+        root = f"{storage.proc_root}/{namespace[0]}/root"
     # Only a 9p mount needs the virtio devices' tags; most systems have none.
     has_9p = any(mount.fstype == "9p" for mount in mounts)
-    virtio_tags = _virtio_mount_tags(sysfs_root) if has_9p else {}
+    virtio_tags = _virtio_mount_tags(storage.sysfs_root) if has_9p else {}
     network_mounts = [m for m in mounts if m.fstype in NETWORK_FILESYSTEMS]
     if network_mounts:
         first = network_mounts[0]
-        for bdf, interface in _active_network_functions(sysfs_root):
-            yield bdf, f"{interface} may carry {first.mount_point} ({first.fstype})"
+        for bdf, interface in active_network_functions(storage.sysfs_root):
+            yield bdf, f"{interface} may carry {first.mount_point} ({first.fstype}){where}"
     for mount in mounts:
         if mount.fstype == "9p" and mount.source in virtio_tags:
             # Any mounted 9p share, read-only too, makes its virtio device's remove() wait
             # forever for its users (p9_virtio_remove: "waiting for device in use").
             yield (
                 virtio_tags[mount.source],
-                f"9p share {mount.source!r} mounted at {mount.mount_point}",
+                f"9p share {mount.source!r} mounted at {mount.mount_point}{where}",
             )
             continue
-        if not mount.writable and mount.mount_point != "/":
+        if not mount.writable and (mount.mount_point != "/" or namespace is not None):
             continue
-        reason = f"backs {mount.mount_point} mounted {'rw' if mount.writable else 'ro'}"
-        for device_number in _block_devices_of(mount):
-            for bdf in functions_behind_block_device(sysfs_root, device_number):
-                yield bdf, reason
+        reason = f"backs {mount.mount_point} mounted {'rw' if mount.writable else 'ro'}{where}"
+        for backing in storage.file_system(mount, root=root):
+            yield backing.bdf, backing.reason(reason)
 
 
-# File systems whose data travels over a network interface. Not every fuse.* does (lxcfs,
-# gvfsd-fuse, portals): only the ones known to.
-NETWORK_FILESYSTEMS = frozenset(
-    {
-        "nfs",
-        "nfs4",
-        "cifs",
-        "smb3",
-        "ceph",
-        "glusterfs",
-        "afs",
-        "fuse.sshfs",
-        "fuse.glusterfs",
-        "fuse.ceph-fuse",
-        "fuse.s3fs",
-        "fuse.rclone",
+def _other_namespace_needs(
+    storage: Storage, namespaces: dict[str, int]
+) -> Iterator[tuple[Bdf, str]]:
+    """The mount tables of the other mount namespaces (containers, `unshare -m`), read through
+    one process in each (/proc/PID/mountinfo, the lowest pid: its init); a mount already in
+    our table adds nothing.
+
+    Ours is read through its lowest pid too (pid 1 on a host): the kernel filters a table by
+    the root of the process it belongs to (mounts_open_common() takes that task's fs root,
+    show_mountinfo() skips what seq_path_root() cannot reach from it), so in a chroot our own
+    table lacks every mount outside it, the live root disk's among them, while pid 1's lists
+    them. Outside a chroot its lines are all ours, and add nothing."""
+    try:
+        own = os.readlink(storage.proc_root / "self" / "ns" / "mnt")
+    except OSError:
+        own = None
+    seen: set[tuple[object, ...]] = {
+        (m.device, m.fstype, m.source, m.writable) for m in storage.mounts
     }
-)
-
-
-def _active_network_functions(sysfs_root: Path) -> Iterator[tuple[Bdf, str]]:
-    """PCI network functions with an interface that is up: we cannot tell which one carries
-    a network file system's traffic, so all of them are needed while one is mounted."""
-    for interface in _entries(sysfs_root / "class" / "net"):
+    for namespace, pid in sorted(namespaces.items(), key=lambda item: item[1]):
         try:
-            if (interface / "operstate").read_text().strip() not in ("up", "unknown"):
-                continue
+            lines = (storage.proc_root / str(pid) / "mountinfo").read_text().splitlines()
         except OSError:
-            continue
-        if bdf := _function_behind(interface / "device"):
-            yield bdf, interface.name
+            continue  # the process exited meanwhile
+        new = []
+        for line in lines:
+            key = _mount_key(line)
+            if key not in seen:
+                seen.add(key)
+                try:
+                    new.append(Mount.parse(line))
+                except ValueError:
+                    continue  # a table we cannot read adds nothing; ours was refused above
+        if new:
+            process = (pid, command_of(storage.proc_root, pid))
+            yield from _mount_needs(storage, new, process, outside_chroot=namespace == own)
 
 
-def _block_devices_of(mount: Mount) -> list[tuple[int, int]]:
-    if mount.device[0] != 0:
-        return [mount.device]
-    # btrfs and friends report an anonymous st_dev: fall back to the source device node.
-    if mount.source.startswith("/dev/"):
-        try:
-            rdev = os.stat(mount.source).st_rdev
-        except OSError:
-            return []
-        return [(os.major(rdev), os.minor(rdev))] if rdev else []
-    return []
+def _mount_key(line: str) -> tuple[object, ...]:
+    """What makes a mount the same as one already seen, without building a Mount: most of
+    every other namespace's table repeats ours (systemd's PrivateTmp=, ProtectSystem=)."""
+    before, _, after = line.partition(" - ")
+    fields, tail = before.split(), after.split()
+    if len(fields) < 6 or len(tail) < 2:
+        return (line,)
+    writable = "rw" in fields[5].split(",") and "ro" not in (tail[2:3] or [""])[0].split(",")
+    major, _, minor = fields[2].partition(":")
+    device = (int(major), int(minor)) if major.isdigit() and minor.isdigit() else fields[2]
+    return (device, tail[0], unescape(tail[1]), writable)
+
+
+def _zfs_pool_needs(storage: Storage) -> Iterator[tuple[Bdf, str]]:
+    """An imported pool writes (txg syncs, scrubs, resilvers) with nothing mounted."""
+    pools = storage.imported_zfs_pools()
+    if pools:
+        for backing in storage.zfs_pools(pools, ""):
+            yield backing.bdf, backing.via.replace("in ZFS pool", "member of imported ZFS pool")
 
 
 def _function_behind(link: Path) -> Bdf | None:
@@ -221,21 +232,18 @@ def _virtio_mount_tags(sysfs_root: Path) -> dict[str, Bdf]:
     return tags
 
 
-def _swap_needs(sysfs_root: Path, proc_root: Path) -> Iterator[tuple[Bdf, str]]:
+def _swap_needs(storage: Storage) -> Iterator[tuple[Bdf, str]]:
+    """Swap partitions, and swap files through the file system holding them."""
     try:
-        lines = (proc_root / "swaps").read_text().splitlines()[1:]
+        lines = (storage.proc_root / "swaps").read_text().splitlines()[1:]
     except OSError:
         return
     for line in lines:
         fields = line.split()
-        if len(fields) < 2 or fields[1] != "partition":
-            continue  # a swap file lives on a mount, which is covered there
-        try:
-            rdev = os.stat(_unescape(fields[0])).st_rdev
-        except OSError:
+        if len(fields) < 2:
             continue
-        for bdf in functions_behind_block_device(sysfs_root, (os.major(rdev), os.minor(rdev))):
-            yield bdf, f"backs active swap {fields[0]}"
+        for backing in storage.path(unescape(fields[0])):
+            yield backing.bdf, backing.reason(f"backs active swap {fields[0]}")
 
 
 def _console_needs(sysfs_root: Path) -> Iterator[tuple[Bdf, str]]:

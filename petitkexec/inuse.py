@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from petitkexec.bdf import Bdf
-from petitkexec.blockdev import functions_behind_block_device, resolve_link
+from petitkexec.blockdev import resolve_link
+from petitkexec.storage import Backing, Storage
 
 # O_ACCMODE bits of the `flags:` line in /proc/PID/fdinfo/FD (octal).
 O_ACCMODE = 0o3
@@ -31,15 +32,31 @@ class NodeUse:
     node: str  # /dev/... as the process opened it
     pid: int
     command: str
+    via: str = ""  # how the node's I/O reaches the function: "carries nbd0 → 10.0.2.100:10809"
 
     def __str__(self) -> str:
-        return f"in use: {self.node} by pid {self.pid} {self.command}"
+        use = f"in use: {self.node} by pid {self.pid} {self.command}"
+        return f"{self.via}, {use}" if self.via else use
 
 
-def device_nodes(sysfs_root: Path, proc_root: Path) -> dict[str, tuple[bool, tuple[Bdf, ...]]]:
+# eq=False: equal only to itself; nothing compares one (no __eq__/__hash__ to compile at start)
+@dataclass(frozen=True, eq=False)
+class ProcessScan:
+    """What one walk over every process found: the device nodes held open, and one process
+    in each mount namespace (namespace link text → the lowest pid in it)."""
+
+    held: list[tuple[str, int, int]]
+    mount_namespaces: dict[str, int]
+
+
+def device_nodes(
+    sysfs_root: Path, proc_root: Path, storage: Storage | None = None
+) -> dict[str, tuple[bool, tuple[Backing, ...]]]:
     """/dev path → (is a block device, the PCI functions behind it), for every device node
-    below a PCI function: block, nvme, drm, sound, input, tty, hidraw, watchdog, vfio."""
-    nodes: dict[str, tuple[bool, tuple[Bdf, ...]]] = {}
+    below a PCI function: block (through network block devices, loop, zram, ... too), nvme,
+    drm, sound, input, tty, hidraw, watchdog, vfio."""
+    storage = storage or Storage(sysfs_root, proc_root)
+    nodes: dict[str, tuple[bool, tuple[Backing, ...]]] = {}
     for kind in ("char", "block"):
         # Plain strings, not Paths: there are hundreds of these links (every tty, every
         # partition), and most lead to no PCI function.
@@ -47,9 +64,9 @@ def device_nodes(sysfs_root: Path, proc_root: Path) -> dict[str, tuple[bool, tup
             try:
                 target = resolve_link(link.path)
                 if kind == "block":
-                    functions = _functions_of_block_device(sysfs_root, link.name)
+                    functions = _functions_of_block_device(storage, link.name)
                 else:
-                    functions = _functions_of(sysfs_root, target)
+                    functions = tuple(Backing(b) for b in _functions_of(sysfs_root, target))
                 name = _devname(target) if functions else None
             except OSError:
                 continue
@@ -66,7 +83,7 @@ def _devname(device: str) -> str | None:
     return None
 
 
-def _functions_of_block_device(sysfs_root: Path, number: str) -> tuple[Bdf, ...]:
+def _functions_of_block_device(storage: Storage, number: str) -> tuple[Backing, ...]:
     """A block device's functions, `number` as /sys/dev/block names it (MAJ:MIN). An nvme
     namespace is a multipath head outside the PCI tree (/sys/devices/virtual/nvme-subsystem/)
     whenever the controller has a subsystem (seen in the q35 guest, Linux 6.1); dm and md
@@ -74,7 +91,8 @@ def _functions_of_block_device(sysfs_root: Path, number: str) -> tuple[Bdf, ...]
     major, _, minor = number.partition(":")
     if not (major.isdigit() and minor.isdigit()):
         return ()
-    return tuple(sorted(functions_behind_block_device(sysfs_root, (int(major), int(minor)))))
+    backings = storage.block_device((int(major), int(minor)))
+    return tuple(sorted(backings, key=lambda backing: (backing.bdf, backing.via)))
 
 
 def _functions_of(sysfs_root: Path, device: str) -> tuple[Bdf, ...]:
@@ -91,7 +109,7 @@ def _functions_of(sysfs_root: Path, device: str) -> tuple[Bdf, ...]:
     return ()
 
 
-def _nvidia_nodes(proc_root: Path) -> Iterator[tuple[str, tuple[bool, tuple[Bdf, ...]]]]:
+def _nvidia_nodes(proc_root: Path) -> Iterator[tuple[str, tuple[bool, tuple[Backing, ...]]]]:
     """NVIDIA's /dev/nvidiaN are not in sysfs; the driver's proc file names the minor."""
     for gpu in _entries(proc_root / "driver" / "nvidia" / "gpus"):
         try:
@@ -101,7 +119,7 @@ def _nvidia_nodes(proc_root: Path) -> Iterator[tuple[str, tuple[bool, tuple[Bdf,
             continue
         match = re.search(r"^Device Minor:\s*(\d+)", information, re.M)
         if match:
-            yield f"/dev/nvidia{match[1]}", (False, (bdf,))
+            yield f"/dev/nvidia{match[1]}", (False, (Backing(bdf),))
 
 
 def open_nodes(proc_root: Path, wanted: set[str]) -> Iterator[tuple[str, int, int]]:
@@ -110,27 +128,44 @@ def open_nodes(proc_root: Path, wanted: set[str]) -> Iterator[tuple[str, int, in
     One readlink per open file and a set lookup, no stat (a stat through the fd link asks the
     file's own file system, which hangs on an NFS server that is gone), so thousands of
     processes stay cheap (bench/inuse_scan.py)."""
+    yield from scan_processes(proc_root, wanted).held
+
+
+def scan_processes(proc_root: Path, wanted: set[str]) -> ProcessScan:
+    """open_nodes(), and each process's mount namespace (/proc/PID/ns/mnt names it:
+    `mnt:[4026531841]`) from the same walk: a mount made inside a container is in no other
+    process's table."""
     root = os.fspath(proc_root)
+    held: list[tuple[str, int, int]] = []
+    namespaces: dict[str, int] = {}
     for name in _listdir(root):
         if name.isdigit():
-            for target, fd in _held_open(f"{root}/{name}/fd", wanted):
-                yield target, int(name), fd
+            pid = int(name)
+            files, namespace = _held_open(f"{root}/{name}/fd", wanted)
+            held.extend((target, pid, fd) for target, fd in files)
+            # The lowest pid of a namespace is its init, whose root is the namespace's: its
+            # table lists every mount (a table omits what its process's root cannot reach).
+            if namespace is not None and pid < namespaces.get(namespace, pid + 1):
+                namespaces[namespace] = pid
+    return ProcessScan(held, namespaces)
 
 
-def _held_open(fd_directory: str, wanted: set[str]) -> list[tuple[str, int]]:
-    """(path, fd) of one process's open files whose path is in `wanted`. readlinkat()
-    relative to the open fd directory: the kernel looks up one name per file instead of
-    walking /proc/PID/fd/ again, the PID and its access check at every step."""
+def _held_open(fd_directory: str, wanted: set[str]) -> tuple[list[tuple[str, int]], str | None]:
+    """(path, fd) of one process's open files whose path is in `wanted`, and its mount
+    namespace. readlinkat() relative to the open fd directory: the kernel looks up one name
+    per file instead of walking /proc/PID/fd/ again, the PID and its access check at every
+    step (`../ns/mnt` too: procfs's fd directory has the PID's directory as parent)."""
     try:
         directory = os.open(fd_directory, os.O_RDONLY | os.O_DIRECTORY)
     except OSError:
-        return []  # the process exited meanwhile, or its files are not ours to read
+        return [], None  # the process exited meanwhile, or its files are not ours to read
     try:
-        return [
+        files = [
             (target, int(fd))
             for fd in _listdir(directory)
             if (target := _readlink_at(directory, fd)) in wanted
         ]
+        return files, _readlink_at(directory, "../ns/mnt")
     finally:
         os.close(directory)
 
@@ -150,15 +185,34 @@ def functions_in_use(sysfs_root: Path, proc_root: Path) -> list[NodeUse]:
 
 def in_use_and_live_update(sysfs_root: Path, proc_root: Path) -> tuple[list[NodeUse], str | None]:
     """functions_in_use(), and why Live Update may preserve devices across this kexec (or
-    None), from one walk over every process's open files: the walk is most of their cost."""
-    nodes = device_nodes(sysfs_root, proc_root)
-    held = list(open_nodes(proc_root, {*nodes, LIVEUPDATE_NODE}))
-    return _uses(proc_root, nodes, held), _live_update(proc_root, held)
+    None)."""
+    busy = scan_busy(sysfs_root, proc_root, Storage(sysfs_root, proc_root))
+    return busy.in_use, busy.live_update
+
+
+# eq=False: equal only to itself; nothing compares one (no __eq__/__hash__ to compile at start)
+@dataclass(frozen=True, eq=False)
+class BusyScan:
+    in_use: list[NodeUse]
+    live_update: str | None  # why Live Update may preserve devices across this kexec
+    mount_namespaces: dict[str, int]  # namespace → one pid in it
+
+
+def scan_busy(sysfs_root: Path, proc_root: Path, storage: Storage) -> BusyScan:
+    """Functions in use, Live Update and every mount namespace, from one walk over every
+    process's open files: the walk is most of their cost."""
+    nodes = device_nodes(sysfs_root, proc_root, storage)
+    scan = scan_processes(proc_root, {*nodes, LIVEUPDATE_NODE})
+    return BusyScan(
+        _uses(proc_root, nodes, scan.held),
+        _live_update(proc_root, scan.held),
+        scan.mount_namespaces,
+    )
 
 
 def _uses(
     proc_root: Path,
-    nodes: dict[str, tuple[bool, tuple[Bdf, ...]]],
+    nodes: dict[str, tuple[bool, tuple[Backing, ...]]],
     held: list[tuple[str, int, int]],
 ) -> list[NodeUse]:
     uses: list[NodeUse] = []
@@ -168,8 +222,8 @@ def _uses(
         is_block, functions = nodes[node]
         if is_block and not _open_for_writing(proc_root, pid, fd):
             continue
-        command = _command(proc_root, pid)
-        uses.extend(NodeUse(bdf, node, pid, command) for bdf in functions)
+        command = command_of(proc_root, pid)
+        uses.extend(NodeUse(b.bdf, node, pid, command, b.via) for b in functions)
     return uses
 
 
@@ -185,7 +239,7 @@ def _live_update(proc_root: Path, held: list[tuple[str, int, int]]) -> str | Non
             return f"{word} on the kernel command line"
     for node, pid, _fd in held:
         if node == LIVEUPDATE_NODE:
-            return f"{LIVEUPDATE_NODE} held by pid {pid} {_command(proc_root, pid)}"
+            return f"{LIVEUPDATE_NODE} held by pid {pid} {command_of(proc_root, pid)}"
     return None
 
 
@@ -198,7 +252,7 @@ def _open_for_writing(proc_root: Path, pid: int, fd: int) -> bool:
     return match is None or int(match[1], 8) & O_ACCMODE != O_RDONLY
 
 
-def _command(proc_root: Path, pid: int) -> str:
+def command_of(proc_root: Path, pid: int) -> str:
     try:
         return (proc_root / str(pid) / "comm").read_text().strip() or "?"
     except OSError:

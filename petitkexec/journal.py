@@ -57,7 +57,8 @@ class Journal:
     """The undos of the steps done so far, rolled back last first."""
 
     # A rebind runs probe(), which may wait on locks a hung remove() still holds, and
-    # restoring SR-IOV probes every VF: each gets this deadline, so a rollback always ends.
+    # restoring SR-IOV probes every VF; driver_override, `enable` and config writes wait on
+    # the locks a stuck reset holds: each write gets this deadline, so a rollback always ends.
     undo_timeout_s: float
     entries: list[Undo] = field(default_factory=list)
 
@@ -83,13 +84,18 @@ def _apply(kernel: Kernel, undo: Undo, timeout_s: float) -> None:
         raise KernelWriteFailed(str(kernel.device_dir(undo.bdf)), errno.ENODEV, "device is gone")
     if undo.kind is UndoKind.REBIND:
         assert undo.driver is not None
-        driver = undo.driver
-        kernel.set_driver_override(undo.bdf, undo.driver_override)
+        driver, override = undo.driver, undo.driver_override
+        _wait(
+            kernel,
+            "driver_override",
+            lambda: kernel.start_set_driver_override(undo.bdf, override, timeout_s),
+        )
         if kernel.driver(undo.bdf) is None:
             _wait(kernel, f"bind {driver}", lambda: kernel.start_bind(undo.bdf, driver, timeout_s))
     elif undo.kind is UndoKind.RESTORE_COMMAND:
-        assert undo.command is not None
-        kernel.write_command(undo.bdf, undo.command)
+        command = undo.command
+        assert command is not None
+        _wait(kernel, "COMMAND", lambda: kernel.start_write_command(undo.bdf, command, timeout_s))
     elif undo.kind is UndoKind.RESTORE_SRIOV:
         if kernel.read_sriov_numvfs(undo.bdf) != undo.numvfs:
             _wait(
@@ -99,7 +105,7 @@ def _apply(kernel: Kernel, undo: Undo, timeout_s: float) -> None:
             )
     else:
         for _ in range(undo.enable_count):
-            kernel.write_enable(undo.bdf, True)
+            _wait(kernel, "enable", lambda: kernel.start_enable(undo.bdf, timeout_s))
 
 
 def _wait(kernel: Kernel, what: str, start: Callable[[], Child]) -> None:

@@ -151,6 +151,22 @@ class Kernel:
         remove() holds."""
         return self._start_write(self._driver_dir(driver) / "bind", str(bdf), timeout_s)
 
+    def start_set_driver_override(self, bdf: Bdf, value: str | None, timeout_s: float) -> Child:
+        """driver_set_override() takes the device lock, which a hung remove(), probe() or bus
+        reset of ours may still hold."""
+        path = self.device_dir(bdf) / "driver_override"
+        return self._start_write(path, value or "\n", timeout_s)
+
+    def start_write_command(self, bdf: Bdf, value: int, timeout_s: float) -> Child:
+        """A config write waits while a reset holds the function (pci_dev_lock() takes
+        pci_cfg_access_lock(); pci_user_write_config_word() sleeps in pci_wait_cfg())."""
+        path, data = self.device_dir(bdf) / "config", value.to_bytes(2, "little")
+        return start_child(lambda: self._write_confined(path, data, PCI_COMMAND), timeout_s)
+
+    def start_enable(self, bdf: Bdf, timeout_s: float) -> Child:
+        """enable_store() takes the device lock."""
+        return self._start_write(self.device_dir(bdf) / "enable", "1", timeout_s)
+
     def start_set_sriov_numvfs(self, bdf: Bdf, numvfs: int, timeout_s: float) -> Child:
         """sriov_numvfs_store() creates the VFs and probes their drivers before it returns."""
         return self._start_write(self.device_dir(bdf) / "sriov_numvfs", str(numvfs), timeout_s)

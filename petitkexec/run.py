@@ -25,12 +25,13 @@ from petitkexec.handoff import (
 )
 from petitkexec.journal import UndoResult
 from petitkexec.log import get_logger, timed
+from petitkexec.lookagain import look_again
 from petitkexec.model import SystemFacts, Topology
 from petitkexec.outcome import TeardownReport
 from petitkexec.plan import Plan, build_plan
 from petitkexec.preflight import PreflightInput, check_can_hand_off, check_can_tear_down
 from petitkexec.settings import Settings
-from petitkexec.watchdog import Watchdog, arm, disarm, stop_on_reboot
+from petitkexec.watchdog import Watchdog, arm, disarm, why_it_stops
 
 
 # eq=False: equal only to itself; nothing compares one (no __eq__/__hash__ to compile at start)
@@ -161,11 +162,11 @@ def exec_(
         )
     )
     if request.watchdog is not None:
-        why = stop_on_reboot(environment.sysfs_root, request.watchdog.watchdog)
+        why = why_it_stops(environment.sysfs_root, request.watchdog.watchdog)
         if why is not None:
             raise PreflightRefused(
                 f"--watchdog: the running kernel would stop {request.watchdog.watchdog.name} "
-                f"at the kexec: {why}",
+                f"before the next kernel runs: {why}",
                 hint="nothing was touched; without --watchdog a hung next kernel is not reset",
             )
     if request.load is not None and not dry_run:
@@ -210,6 +211,8 @@ def _disarm(watchdog: Watchdog) -> str:
 def _teardown(
     environment: Environment, prepared: Prepared, on_outcome: OutcomeCallback | None
 ) -> Teardown:
+    if not prepared.settings.execution.dry_run:
+        prepared = _looked_again(environment, prepared)
     return Teardown(
         environment.kernel(),
         prepared.topology,
@@ -217,6 +220,17 @@ def _teardown(
         prepared.settings.execution,
         on_outcome=on_outcome,
     )
+
+
+def _looked_again(environment: Environment, prepared: Prepared) -> Prepared:
+    """What became needed since the scan is protected, and the report says so (lookagain.py)."""
+    facts, appeared = look_again(prepared.facts, environment.facts)
+    if not appeared:
+        return prepared
+    needed = [f"{bdf}: {reason}" for bdf, reason in appeared.items()]
+    get_logger("petitkexec").warning("needed since the scan", functions=needed)
+    plan = build_plan(prepared.topology, prepared.settings.policy, facts)
+    return Prepared(prepared.topology, facts, plan, prepared.settings)
 
 
 def _timed_run(run: Teardown) -> TeardownReport:

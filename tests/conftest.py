@@ -1,11 +1,54 @@
 from __future__ import annotations
 
-from collections.abc import Callable
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
+from tests import simlocks
 from tests.simkernel import SimFunction, SimKernel, root_port
+
+
+@pytest.fixture(autouse=True)
+def sysfs_writes_are_uninterruptible(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """SIGKILL to a child inside a simulated sysfs write waits until the write returns, as
+    for a task in uninterruptible sleep; at the end of the test every hung remove() returns,
+    so no child outlives it for long."""
+    monkeypatch.setattr(os, "kill", simlocks.kill)
+    yield
+    simlocks.release_everything()
+
+
+# The real-kernel lane's timings (tests/vm/conftest.py's record_timing) pass from pytest-xdist's
+# workers to the controller through files in this folder: a worker's stash is its own. These
+# hooks live here because the controller loads only this conftest (it collects nothing).
+TIMINGS_DIR = "PETITKEXEC_VM_TIMINGS_DIR"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Set before the workers start, so they inherit it.
+    if not hasattr(config, "workerinput") and TIMINGS_DIR not in os.environ:
+        os.environ[TIMINGS_DIR] = tempfile.mkdtemp(prefix="petitkexec-vm-timings-")
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:  # type: ignore[no-untyped-def]
+    if hasattr(config, "workerinput"):
+        return
+    folder = Path(os.environ.get(TIMINGS_DIR, "/nonexistent"))
+    lines = [
+        line
+        for path in sorted(folder.glob("*.txt"))
+        for line in path.read_text().splitlines()
+        if line
+    ]
+    if lines:
+        terminalreporter.section("vm lane timings")
+        for line in lines:
+            terminalreporter.write_line(line)
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 def q35_like() -> list[SimFunction]:

@@ -167,10 +167,10 @@ HUNG_WAVE = [
 
 def test_hung_remove_one_at_a_time_stops_at_once_and_rolls_back(make_sim: SimFactory) -> None:
     sim = make_sim(HUNG_WAVE)
-    _, report = run(sim, unbind_timeout_s=0.3, jobs=1)
+    _, report = run(sim, unbind_timeout_s=1, jobs=1)
     assert report.hung == (Bdf.parse("0000:00:04.0"),)
     assert outcome(report, "0000:00:04.0").status is Status.HUNG
-    assert "did not return within 0.3 s" in (report.stopped_because or "")
+    assert "did not return within 1 s" in (report.stopped_because or "")
     assert not report.handoff_safe
     # nothing after the hung step was attempted, and the earlier unbind was undone
     assert [str(o.step.bdf) for o in report.outcomes] == ["0000:00:03.0", "0000:00:04.0"]
@@ -184,7 +184,7 @@ def test_hung_remove_side_by_side_lets_the_others_in_flight_finish_then_rolls_ba
     make_sim: SimFactory,
 ) -> None:
     sim = make_sim(HUNG_WAVE)
-    _, report = run(sim, unbind_timeout_s=0.3)
+    _, report = run(sim, unbind_timeout_s=1)
     assert report.hung == (Bdf.parse("0000:00:04.0"),)
     # Nothing waits for anything here (the root port has nothing below it): all four started
     # side by side, the three others finished, and the hung one came last, at its deadline.

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import stat
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -350,3 +352,41 @@ def test_a_sysfs_link_resolves_with_readlink_as_realpath_does(tmp_path: Path) ->
     for path in (block / "7:1", block / "7:2", block / "8:0"):
         with pytest.raises(OSError):
             resolve_link(path)
+
+
+# --- in a chroot: the mount holding / is outside it ------------------------------------------
+
+
+def stat_with_root(device: str) -> Callable[[str], os.stat_result]:
+    """os.stat, but our root (/proc/self/root) lies on block device `device` (MAJ:MIN): a
+    directory of a file system mounted outside the chroot."""
+    major, minor = (int(number) for number in device.split(":"))
+
+    def stat_file(path: str) -> os.stat_result:
+        if path.endswith("/self/root"):
+            directory = (stat.S_IFDIR | 0o755, 2, os.makedev(major, minor), 1, 0, 0, 0, 0, 0, 0)
+            return os.stat_result(directory)
+        return os.stat(path)
+
+    return stat_file
+
+
+def test_the_disk_holding_a_chroot_whose_mount_is_hidden_is_needed(machine: FakeMachine) -> None:
+    # mmdebstrap's chroot: proc mounted inside, the ext4 holding it mounted outside, so
+    # /proc/self/mountinfo has no `/` line (show_mountinfo() skips it).
+    machine.block(NVME_DISK, "259:0")
+    machine.block(f"{NVME_DISK}/nvme0n1p2", "259:2", partition=True)
+    machine.mount("300 29 0:5 / /proc rw,nosuid - proc proc rw")
+    facts = gather_facts(machine.sys, machine.proc, stat_file=stat_with_root("259:2"))
+    assert {str(bdf): reason for bdf, reason in facts.needed.items()} == {
+        "0000:01:00.0": "backs / of this chroot (its mount lies outside it: not in our mount table)"
+    }
+
+
+def test_a_root_in_the_mount_table_is_not_looked_up_again(machine: FakeMachine) -> None:
+    machine.block(NVME_DISK, "259:0")
+    machine.mount("29 1 259:0 / / ro,relatime shared:1 - ext4 /dev/nvme0n1 ro")
+    facts = gather_facts(machine.sys, machine.proc, stat_file=stat_with_root("259:0"))
+    assert {str(bdf): reason for bdf, reason in facts.needed.items()} == {
+        "0000:01:00.0": "backs / mounted ro"
+    }

@@ -49,10 +49,10 @@ def test_1_a_hung_unbind_stops_the_run_rolls_back_and_never_hands_off(
     sim = make_sim(hanging(NIC, remove_hangs=True))
     kexec = fake_kexec(tmp_path, sim)
     result = invoke(
-        environment(sim, tmp_path), "exec", "--kexec", str(kexec), "--unbind-timeout", "0.3"
+        environment(sim, tmp_path), "exec", "--kexec", str(kexec), "--unbind-timeout", "1"
     )
     assert result.exit_code == ExitCode.HUNG
-    assert f"stopped: unbind of {NIC}: e1000e remove() did not return within 0.3 s" in result.stderr
+    assert f"stopped: unbind of {NIC}: e1000e remove() did not return within 1 s" in result.stderr
     assert not (tmp_path / "kexec-args").exists()
     assert sim.driver_of(NVME_PF) == "nvme"  # torn down earlier in the run, then rolled back
 
@@ -209,11 +209,11 @@ def test_9_a_rebind_that_fails_or_hangs_is_reported_and_the_rollback_goes_on(
         sim.fail_write(NIC, "bind", errno.EINVAL)
     kexec = fake_kexec(tmp_path, sim)
     result = invoke(
-        environment(sim, tmp_path), "exec", "--kexec", str(kexec), "--unbind-timeout", "0.3"
+        environment(sim, tmp_path), "exec", "--kexec", str(kexec), "--unbind-timeout", "1"
     )
     assert result.exit_code == ExitCode.HANDOFF_FAILED
     line = next(x for x in result.stderr.splitlines() if f"rebind {NIC} to e1000e" in x)
-    assert ("no answer within 0.3 s" if fault == "hangs" else "EINVAL") in line
+    assert ("no answer within 1 s" if fault == "hangs" else "EINVAL") in line
     assert sim.driver_of(NVME_PF) == "nvme"  # the others came back
 
 
@@ -246,12 +246,21 @@ def test_10_a_reset_that_never_returns_blocks_the_handoff_like_a_hung_unbind(
         "--hot-reset",
         "--reset-timeout",
         "0.5",
+        "--unbind-timeout",
+        "1",
         "--kexec",
         str(kexec),
     )
     assert result.exit_code == ExitCode.HUNG
     assert "reset_subordinate: no answer within 0.5 s" in result.stderr
     assert not (tmp_path / "kexec-args").exists()
+    # The stuck reset still holds config access and the device lock of everything below
+    # (pci_bus_trylock()): the rollback's config write (pci_wait_cfg()) and driver_override
+    # write (driver_set_override()) wait on them in children with a deadline, never in
+    # petitkexec itself; the bridge above comes back.
+    assert "rollback: restore COMMAND 0x0006 on 0000:01:00.0: COMMAND: ETIMEDOUT" in result.stderr
+    assert "rollback: rebind 0000:01:00.0 to e1000e: driver_override: ETIMEDOUT" in result.stderr
+    assert "rollback: rebind 0000:00:02.0 to pcieport: ok" in result.stderr
 
 
 # 11. malformed config file, unknown keys, bad specs

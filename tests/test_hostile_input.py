@@ -11,7 +11,7 @@ import os
 import string
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -22,6 +22,15 @@ from petitkexec.discovery import build_function
 from petitkexec.errors import SnapshotError, UsageError
 from petitkexec.facts import Mount
 from petitkexec.model import PciFunction
+from petitkexec.mounts import overlay_directories
+from petitkexec.netstorage import (
+    parse_endpoint,
+    parse_ipv4_routes,
+    parse_ipv6_routes,
+    parse_nvme_address,
+    parse_tcp_sockets,
+    route_interface,
+)
 from petitkexec.policy import DeviceSpec
 from petitkexec.settings import CONFIG_KEYS as SETTING_KEYS
 from petitkexec.settings import load_config, resolve
@@ -204,3 +213,76 @@ def test_a_mountinfo_line_parses_or_raises_a_value_error(line: str) -> None:
     except ValueError:
         return
     assert isinstance(mount.writable, bool)
+
+
+SUPER_OPTION_WORDS = st.sampled_from(
+    ["upperdir=/u", "lowerdir=/a:/b\\:c", "lowerdir+=/l", "workdir=/w", "rw", "=", ":", "\\134"]
+)
+
+
+@fuzz
+@given(st.lists(SUPER_OPTION_WORDS | ANY_TEXT, max_size=8).map(",".join))
+def test_overlay_super_options_always_give_directories(options: str) -> None:
+    mount = Mount.parse(f"29 1 0:50 / / rw - overlay overlay {options or 'rw'}")
+    for key in ("upperdir", "lowerdir", "lowerdir+"):
+        for value in mount.option(key):
+            assert all(isinstance(d, str) and d for d in overlay_directories(value))
+
+
+HEX_WORDS = st.text(alphabet=string.hexdigits, min_size=0, max_size=34)
+ROUTE_LINES = st.lists(
+    st.lists(
+        HEX_WORDS | ANY_TEXT | st.sampled_from(["eth0", "lo", "0001", "0003"]), max_size=12
+    ).map("\t".join),
+    max_size=6,
+).map("\n".join)
+
+
+@fuzz
+@given(ROUTE_LINES, st.sampled_from(["little", "big"]))
+def test_proc_net_route_of_any_text_gives_routes_that_match_addresses(
+    text: str, byteorder: Literal["little", "big"]
+) -> None:
+    for route in parse_ipv4_routes("header\n" + text, byteorder):
+        assert route.network.version == 4
+        assert route_interface([route], route.network.network_address) == route.interface
+
+
+@fuzz
+@given(ROUTE_LINES.map(lambda text: text.replace("\t", " ")))
+def test_proc_net_ipv6_route_of_any_text_gives_routes(text: str) -> None:
+    for route in parse_ipv6_routes(text):
+        assert route.network.version == 6 and 0 <= route.network.prefixlen <= 128
+
+
+@fuzz
+@given(
+    st.lists(
+        st.lists(HEX_WORDS.map(lambda w: w + ":" + w[:4]) | HEX_WORDS | ANY_TEXT, max_size=12).map(
+            " ".join
+        ),
+        max_size=5,
+    ).map("\n".join),
+    st.sampled_from(["little", "big"]),
+)
+def test_proc_net_tcp_of_any_text_gives_socket_endpoints(
+    text: str, byteorder: Literal["little", "big"]
+) -> None:
+    for inode, (local, remote) in parse_tcp_sockets("header\n" + text, byteorder).items():
+        assert isinstance(inode, int)
+        assert local.port is not None and 0 <= local.port <= 0xFFFF
+        assert remote.port is not None and 0 <= remote.port <= 0xFFFF
+
+
+NVME_ADDRESS_WORDS = st.sampled_from(
+    ["traddr=10.0.0.1", "trsvcid=4420", "host_iface=eth0", "src_addr=::1", "=", ",", "traddr="]
+)
+
+
+@fuzz
+@given(st.lists(NVME_ADDRESS_WORDS | ANY_TEXT, max_size=6).map(",".join))
+def test_an_nvme_address_of_any_text_gives_keys_and_an_endpoint_or_none(text: str) -> None:
+    pairs = parse_nvme_address(text)
+    assert all(key and "," not in key and "," not in value for key, value in pairs.items())
+    endpoint = parse_endpoint(pairs.get("traddr", ""), pairs.get("trsvcid"))
+    assert endpoint is None or endpoint.address.version in (4, 6)

@@ -15,7 +15,7 @@ from petitkexec.facts import gather_facts
 from petitkexec.inuse import functions_in_use
 from petitkexec.model import Topology
 from petitkexec.plan import Action, build_plan
-from petitkexec.watchdog import Watchdog, stop_on_reboot, watchdogs
+from petitkexec.watchdog import Watchdog, watchdogs, why_it_stops
 from tests.builders import bridge, endpoint, policy_of
 from tests.clirun import environment, fake_kexec, invoke
 from tests.conftest import SimFactory, q35_like
@@ -188,8 +188,10 @@ def test_a_watchdog_without_a_parent_is_found_through_its_identity(
     (real / "state").write_text("active\n")
     (real / "identity").write_text(ESB_DRIVER + "\n")
     (watchdog,) = watchdogs(machine.sys)
-    assert watchdog == Watchdog("watchdog0", Bdf.parse("0000:00:0b.0"), ESB_DRIVER, True)
-    assert stop_on_reboot(machine.sys, watchdog) is not None
+    assert watchdog == Watchdog(
+        "watchdog0", Bdf.parse("0000:00:0b.0"), ESB_DRIVER, True, identity=ESB_DRIVER
+    )
+    assert why_it_stops(machine.sys, watchdog) is not None
     assert gather_facts(machine.sys, machine.proc).needed == {
         Bdf.parse("0000:00:0b.0"): "hardware watchdog watchdog0 is running"
     }
@@ -202,25 +204,49 @@ def test_a_stopped_watchdog_is_not_protected(machine: FakeMachine) -> None:
     assert watchdog == Watchdog("watchdog0", Bdf.parse("0000:00:0b.0"), ESB_DRIVER, False)
 
 
-@pytest.mark.parametrize(
-    ("parameter", "driver", "stops"),
-    [
-        (None, ESB_DRIVER, True),
-        ("-1", ESB_DRIVER, True),
-        ("0", ESB_DRIVER, False),
-        ("1", "other_wdt", True),
-        ("-1", "other_wdt", False),
-    ],
-)
-def test_whether_the_kernel_stops_a_watchdog_at_kexec(
-    machine: FakeMachine, parameter: str | None, driver: str, stops: bool
+def watchdog_attributes(machine: FakeMachine, **attributes: str) -> None:
+    """/sys/class/watchdog/watchdog0's attributes, and `parameter` as the watchdog core's
+    stop_on_reboot (its module parameter)."""
+    entry = machine.sys / "class" / "watchdog" / "watchdog0"
+    entry.mkdir(parents=True)
+    for name, value in attributes.items():
+        if name == "parameter":
+            parameters = machine.sys / "module" / "watchdog" / "parameters"
+            parameters.mkdir(parents=True)
+            (parameters / "stop_on_reboot").write_text(value + "\n")
+        else:
+            (entry / name).write_text(value + "\n")
+
+
+# Each row: what sysfs shows, then the start of the refusal (None: --watchdog goes ahead).
+# `options` 0x8180 has WDIOF_MAGICCLOSE (0x100), 0x8080 has not; Linux 6.1 shows no `options`.
+KEXEC_STOPS = [
+    ({"identity": ESB_DRIVER}, f"{ESB_DRIVER} stops it on reboot"),
+    ({"identity": ESB_DRIVER, "parameter": "-1"}, f"{ESB_DRIVER} stops it on reboot"),
+    ({"identity": ESB_DRIVER, "parameter": "0"}, None),
+    ({"identity": "HPE iLO2+ HW Watchdog Timer", "options": "0x8180"}, None),
+    ({"identity": "iTCO_wdt", "options": "0x8180"}, "iTCO_wdt stops it on reboot"),
+    ({"identity": "SP5100 TCO timer"}, "SP5100 TCO timer stops it on reboot"),
+    ({"identity": "iTCO_wdt", "parameter": "1"}, "watchdog.stop_on_reboot=1"),
+    ({"identity": "HPE iLO2+ HW Watchdog Timer", "parameter": "1"}, "watchdog.stop_on_reboot=1"),
+    ({"identity": "other_wdt", "options": "0x8180"}, "other_wdt: whether its driver stops"),
+    ({"identity": "other_wdt", "options": "0x8180", "parameter": "0"}, None),
+    ({"identity": "other_wdt", "options": "0x8080", "parameter": "0"}, "other_wdt has no magic"),
+    ({"identity": "other_wdt", "options": "0x8080", "parameter": "0", "nowayout": "1"}, None),
+    ({"identity": "iamt_wdt", "parameter": "0"}, "iamt_wdt has no magic close"),
+    ({"identity": "other_wdt", "parameter": "0"}, "other_wdt: whether closing /dev/watchdog0"),
+    ({"identity": "Software Watchdog", "parameter": "0"}, "Software Watchdog is a timer of the"),
+]
+
+
+@pytest.mark.parametrize(("attributes", "refusal"), KEXEC_STOPS)
+def test_whether_the_running_kernel_stops_a_watchdog_before_the_next_kernel(
+    machine: FakeMachine, attributes: dict[str, str], refusal: str | None
 ) -> None:
-    if parameter is not None:
-        parameters = machine.sys / "module" / "watchdog" / "parameters"
-        parameters.mkdir(parents=True)
-        (parameters / "stop_on_reboot").write_text(parameter + "\n")
-    watchdog = Watchdog("watchdog0", None, driver, True)
-    assert (stop_on_reboot(machine.sys, watchdog) is not None) is stops
+    watchdog_attributes(machine, **attributes)
+    watchdog = Watchdog("watchdog0", None, None, True, identity=attributes["identity"])
+    why = why_it_stops(machine.sys, watchdog)
+    assert why == refusal if refusal is None else (why or "").startswith(refusal), why
 
 
 def sim_watchdog(sim: SimKernel, bdf: str, stop_on_reboot_parameter: str) -> None:
@@ -246,7 +272,29 @@ def test_watchdog_is_refused_when_the_kernel_would_stop_it_at_kexec(
     kexec = str(fake_kexec(tmp_path, sim))
     result = invoke(environment(sim, tmp_path), "exec", "--watchdog", "30", "--kexec", kexec)
     assert result.exit_code == ExitCode.PREFLIGHT_REFUSED
-    assert f"{ESB_DRIVER} stops it on reboot (boot with watchdog.stop_on_reboot=0)" in result.stderr
+    assert (
+        "petitkexec: --watchdog: the running kernel would stop watchdog0 before the next kernel "
+        f"runs: {ESB_DRIVER} stops it on reboot (watchdog_stop_on_reboot(); boot with "
+        "watchdog.stop_on_reboot=0)"
+    ) in result.stderr
+    assert sim.writes() == []
+
+
+def test_watchdog_is_refused_for_a_chipset_watchdog_the_kernel_stops_at_kexec(
+    make_sim: SimFactory, tmp_path: Path
+) -> None:
+    # iTCO_wdt, a platform device (lpc_ich), calls watchdog_stop_on_reboot() like i6300esb.
+    sim = make_sim(q35_like())
+    real = sim.root / "devices" / "platform" / "iTCO_wdt" / "watchdog" / "watchdog0"
+    real.mkdir(parents=True)
+    (real / "state").write_text("inactive\n")
+    (real / "identity").write_text("iTCO_wdt\n")
+    (sim.root / "class" / "watchdog").mkdir(parents=True)
+    (sim.root / "class" / "watchdog" / "watchdog0").symlink_to(real)
+    kexec = str(fake_kexec(tmp_path, sim))
+    result = invoke(environment(sim, tmp_path), "exec", "--watchdog", "30", "--kexec", kexec)
+    assert result.exit_code == ExitCode.PREFLIGHT_REFUSED, result.stderr
+    assert "iTCO_wdt stops it on reboot" in result.stderr
     assert sim.writes() == []
 
 
@@ -265,3 +313,99 @@ def test_watchdog_is_armed_right_before_the_handoff_and_its_device_left_alone(
     assert "held: watchdog0 armed for the handoff by --watchdog" in result.stderr
     assert "watchdog: watchdog0 stopped again" in result.stderr
     assert not any("0000:00:0b.0" in w["path"] for w in sim.writes())
+
+
+# --- every mount namespace --------------------------------------------------------------------
+
+OWN_NAMESPACE, CONTAINER_NAMESPACE = "mnt:[4026531841]", "mnt:[4026532812]"
+
+
+def in_namespace(machine: FakeMachine, pid: int, comm: str, namespace: str) -> Path:
+    """A process in a mount namespace (/proc/PID/ns/mnt), with its own mountinfo."""
+    directory = machine.proc / str(pid)
+    (directory / "ns").mkdir(parents=True)
+    (directory / "fd").mkdir()
+    (directory / "comm").write_text(comm + "\n")
+    os.symlink(namespace, directory / "ns" / "mnt")
+    (directory / "mountinfo").write_text("")
+    return directory
+
+
+def test_a_disk_mounted_only_in_another_mount_namespace_is_protected_naming_it(
+    machine: FakeMachine,
+) -> None:
+    machine.block("pci0000:00/0000:00:1c.0/0000:01:00.0/nvme/nvme0/nvme0n1", "259:0")
+    machine.block("pci0000:00/0000:00:1f.2/ata1/host0/target0:0:0/0:0:0:0/block/sdb", "8:16")
+    root = "29 1 259:0 / / rw,relatime shared:1 - ext4 /dev/nvme0n1 rw"
+    machine.mount(root)
+    (machine.proc / "self" / "ns").mkdir()
+    os.symlink(OWN_NAMESPACE, machine.proc / "self" / "ns" / "mnt")
+    in_namespace(machine, 1, "init", OWN_NAMESPACE).joinpath("mountinfo").write_text(root)
+    dockerd = in_namespace(machine, 812, "dockerd", CONTAINER_NAMESPACE)
+    (dockerd / "mountinfo").write_text(
+        f"{root}\n90 29 8:16 / /data rw,relatime - xfs /dev/sdb rw\n"
+        "91 29 8:16 / /ro ro,relatime - xfs /dev/sdb ro\n"
+    )
+    in_namespace(machine, 813, "sh", CONTAINER_NAMESPACE)
+    assert machine.needed() == {
+        NVME: "backs / mounted rw",
+        "0000:00:1f.2": "backs /data mounted rw in the mount namespace of pid 812 (dockerd)",
+    }
+
+
+def test_a_read_only_mount_in_another_namespace_needs_nothing(machine: FakeMachine) -> None:
+    machine.block("pci0000:00/0000:00:1f.2/ata1/host0/target0:0:0/0:0:0:0/block/sdb", "8:16")
+    process = in_namespace(machine, 812, "dockerd", CONTAINER_NAMESPACE)
+    (process / "mountinfo").write_text("22 1 8:16 / / ro,relatime - xfs /dev/sdb ro\n")
+    assert machine.needed() == {}
+
+
+def test_a_disk_read_only_here_but_writable_in_another_namespace_is_protected(
+    machine: FakeMachine,
+) -> None:
+    machine.block("pci0000:00/0000:00:1f.2/ata1/host0/target0:0:0/0:0:0:0/block/sdb", "8:16")
+    machine.mount("40 29 8:16 / /srv ro,relatime - xfs /dev/sdb ro")
+    process = in_namespace(machine, 900, "worker", CONTAINER_NAMESPACE)
+    (process / "mountinfo").write_text(
+        "40 29 8:16 / /srv ro,relatime - xfs /dev/sdb ro\n"
+        "41 29 8:16 / /rw rw,relatime - xfs /dev/sdb rw\n"
+    )
+    assert machine.needed() == {
+        "0000:00:1f.2": "backs /rw mounted rw in the mount namespace of pid 900 (worker)"
+    }
+
+
+def test_in_a_chroot_the_disks_only_pid_1_sees_are_protected_naming_the_chroot(
+    machine: FakeMachine,
+) -> None:
+    # The kernel filters /proc/PID/mountinfo by PID's root (mounts_open_common(),
+    # show_mountinfo()): in a chroot ours lacks the host's mounts, pid 1's has them.
+    machine.block("pci0000:00/0000:00:1c.0/0000:01:00.0/nvme/nvme0/nvme0n1", "259:0")
+    machine.block("pci0000:00/0000:00:1f.2/ata1/host0/target0:0:0/0:0:0:0/block/sdb", "8:16")
+    proc = "300 29 0:5 / /proc rw,nosuid - proc proc rw"
+    machine.mount(proc)
+    (machine.proc / "self" / "ns").mkdir()
+    os.symlink(OWN_NAMESPACE, machine.proc / "self" / "ns" / "mnt")
+    systemd = in_namespace(machine, 1, "systemd", OWN_NAMESPACE)
+    (systemd / "mountinfo").write_text(
+        "29 1 259:0 / / rw,relatime shared:1 - ext4 /dev/nvme0n1 rw\n"
+        "30 29 8:16 / /home rw,relatime shared:2 - xfs /dev/sdb rw\n"
+        "31 29 8:16 / /srv ro,relatime shared:3 - xfs /dev/sdb ro\n"
+        "300 29 0:5 / /srv/chroot/proc rw,nosuid - proc proc rw\n"
+    )
+    in_namespace(machine, 4242, "petitkexec", OWN_NAMESPACE)
+    outside = "as pid 1 (systemd) sees it, outside this chroot"
+    assert machine.needed() == {
+        NVME: f"backs / mounted rw {outside}",
+        "0000:00:1f.2": f"backs /home mounted rw {outside}",
+    }
+
+
+def test_outside_a_chroot_pid_1s_table_adds_nothing(machine: FakeMachine) -> None:
+    machine.block("pci0000:00/0000:00:1f.2/ata1/host0/target0:0:0/0:0:0:0/block/sdb", "8:16")
+    table = "30 29 8:16 / /home ro,relatime shared:2 - xfs /dev/sdb ro"
+    machine.mount(table)
+    (machine.proc / "self" / "ns").mkdir()
+    os.symlink(OWN_NAMESPACE, machine.proc / "self" / "ns" / "mnt")
+    in_namespace(machine, 1, "systemd", OWN_NAMESPACE).joinpath("mountinfo").write_text(table)
+    assert machine.needed() == {}

@@ -9,6 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from petitkexec.bdf import Bdf
+from petitkexec.execute import dependencies
 from petitkexec.model import Topology
 from petitkexec.plan import Action, Plan, build_plan
 from tests.strategies import Scenario, scenarios, topologies
@@ -29,11 +30,6 @@ def positions(plan: Plan) -> dict[Bdf, int]:
         for index, step in enumerate(plan.steps)
         if step.action is not Action.RESET_BUS
     }
-
-
-def decision_waves(plan: Plan) -> dict[Bdf, int]:
-    """The wave of each function's one decision."""
-    return {step.bdf: step.wave for step in plan.steps if step.action is not Action.RESET_BUS}
 
 
 def with_dependencies(topology: Topology, origins: Iterable[Bdf]) -> set[Bdf]:
@@ -79,40 +75,73 @@ def test_no_pf_is_decided_before_one_of_its_vfs(scenario: Scenario) -> None:
         assert where[pf] > max(where[vf] for vf in vfs), pf
 
 
-@PROPERTY_SETTINGS
-@given(scenarios())
-def test_waves_never_go_back_along_the_plan(scenario: Scenario) -> None:
-    waves = [step.wave for step in plan_of(scenario).steps]
-    assert waves == sorted(waves)
+def transitive(needs: dict[int, set[int]]) -> dict[int, set[int]]:
+    """Everything a step waits for, directly or through the steps it waits for."""
+    closure: dict[int, set[int]] = {}
+
+    def visit(index: int, path: frozenset[int]) -> set[int]:
+        assert index not in path, f"step {index} waits for itself"
+        if index not in closure:
+            found: set[int] = set()
+            for need in needs[index]:
+                found |= {need, *visit(need, path | {index})}
+            closure[index] = found
+        return closure[index]
+
+    for index in needs:
+        visit(index, frozenset())
+    return closure
+
+
+def below_of(topology: Topology, bdf: Bdf) -> set[Bdf]:
+    """What must be torn down before `bdf`: every function below it and every VF of a PF among
+    them or of itself, wherever the VF sits (another slot, another bus)."""
+    found: set[Bdf] = set()
+    pending = [*topology.children(bdf), *topology.vfs(bdf)]
+    while pending:
+        other = pending.pop()
+        if other not in found:
+            found.add(other)
+            pending += [*topology.children(other), *topology.vfs(other)]
+    return found
 
 
 @PROPERTY_SETTINGS
 @given(scenarios())
-def test_a_bridge_runs_in_a_later_wave_than_every_function_below_it(scenario: Scenario) -> None:
-    # Steps of one wave may run side by side, so order within the list is not enough.
-    topology = scenario.topology
-    wave = decision_waves(plan_of(scenario))
-    for function in topology:
-        for below in topology.descendants(function.bdf):
-            assert wave[function.bdf] > wave[below], (function.bdf, below)
+def test_no_step_starts_before_everything_below_it_has_finished(scenario: Scenario) -> None:
+    # The executor runs a step as soon as execute.dependencies() says it may: not the waves.
+    topology, steps = scenario.topology, plan_of(scenario).steps
+    waits_for = transitive(dependencies(topology, steps))
+    index_of = {step.bdf: i for i, step in enumerate(steps) if step.action is not Action.RESET_BUS}
+    for index, step in enumerate(steps):
+        if step.action is Action.RESET_BUS:
+            continue
+        first = {index_of[bdf] for bdf in below_of(topology, step.bdf)}
+        assert first <= waits_for[index], step.bdf
 
 
 @PROPERTY_SETTINGS
 @given(scenarios())
-def test_a_pf_runs_in_a_later_wave_than_its_vfs(scenario: Scenario) -> None:
-    wave = decision_waves(plan_of(scenario))
-    for pf, vfs in scenario.topology.vfs_of.items():
-        assert all(wave[pf] > wave[vf] for vf in vfs), pf
+def test_a_pf_waits_for_each_of_its_vfs(scenario: Scenario) -> None:
+    topology, steps = scenario.topology, plan_of(scenario).steps
+    needs = dependencies(topology, steps)
+    index_of = {step.bdf: i for i, step in enumerate(steps) if step.action is not Action.RESET_BUS}
+    for pf, vfs in topology.vfs_of.items():
+        assert {index_of[vf] for vf in vfs} <= needs[index_of[pf]], pf
+        assert any(vf.slot != pf.slot for vf in vfs)  # VFs in other slots are covered
 
 
 @PROPERTY_SETTINGS
 @given(scenarios(hot_reset=True))
-def test_resets_run_in_a_wave_of_their_own_after_every_decision(scenario: Scenario) -> None:
-    plan = plan_of(scenario)
-    resets = plan.with_action(Action.RESET_BUS)
-    decisions = [step for step in plan.steps if step.action is not Action.RESET_BUS]
-    if resets and decisions:
-        assert min(step.wave for step in resets) > max(step.wave for step in decisions)
+def test_a_reset_waits_for_every_other_step_and_no_step_waits_for_a_reset(
+    scenario: Scenario,
+) -> None:
+    steps = plan_of(scenario).steps
+    needs = dependencies(scenario.topology, steps)
+    resets = {i for i, step in enumerate(steps) if step.action is Action.RESET_BUS}
+    for index in resets:
+        assert needs[index] == set(range(len(steps))) - resets
+    assert not any(needs[index] & resets for index in range(len(steps)))
 
 
 @PROPERTY_SETTINGS

@@ -1,12 +1,15 @@
 """The systemd-shutdown hook and `install-systemd`, with a stand-in petitkexec.
 
-The hook's side effects that would act on this machine (the kernel log, sysrq) are pointed at
-files by PETITKEXEC_LOG and PETITKEXEC_SYSRQ in every run here."""
+The hook's side effects that would act on this machine (the kernel log, sysrq, its report in
+/run) are pointed at files by PETITKEXEC_LOG, PETITKEXEC_SYSRQ and PETITKEXEC_REPORT in every run
+here, and `sync` is a stand-in that says whether sysrq had been written yet."""
 
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -30,15 +33,35 @@ def stub(tmp_path: Path, exit_code: int = 0) -> Path:
     return path
 
 
-def run_hook(tmp_path: Path, verb: str, defaults: str = "", **env: str) -> tuple[int, str, str]:
+def stand_in_sync(tmp_path: Path, body: str = "") -> None:
+    """`sync` on the hook's PATH: notes whether sysrq had been written when it ran."""
+    path = tmp_path / "stand-ins" / "sync"
+    path.parent.mkdir(exist_ok=True)
+    sysrq = tmp_path / "sysrq"
+    path.write_text(
+        f"#!/bin/sh\nif [ -e {sysrq} ]; then echo after-sysrq; else echo before-sysrq; fi"
+        f" >>{tmp_path}/synced\n{body}"
+    )
+    path.chmod(0o755)
+
+
+def hook_environment(tmp_path: Path, defaults: str, **env: str) -> dict[str, str]:
     (tmp_path / "defaults").write_text(defaults)
-    environment = {
-        "PATH": "/sbin:/usr/sbin:/bin:/usr/bin",  # PID 1's PATH on Debian: no /usr/local/bin
+    if not (tmp_path / "stand-ins" / "sync").exists():
+        stand_in_sync(tmp_path)
+    return {
+        # PID 1's PATH on Debian (no /usr/local/bin), after the stand-in sync
+        "PATH": f"{tmp_path}/stand-ins:/sbin:/usr/sbin:/bin:/usr/bin",
         "PETITKEXEC_LOG": str(tmp_path / "log"),
         "PETITKEXEC_SYSRQ": str(tmp_path / "sysrq"),
+        "PETITKEXEC_REPORT": str(tmp_path / "report"),
         "PETITKEXEC_DEFAULTS": str(tmp_path / "defaults"),
         **env,
     }
+
+
+def run_hook(tmp_path: Path, verb: str, defaults: str = "", **env: str) -> tuple[int, str, str]:
+    environment = hook_environment(tmp_path, defaults, **env)
     done = subprocess.run(["sh", str(HOOK), verb], env=environment, check=False)
     called = tmp_path / "called"
     log = tmp_path / "log"
@@ -84,6 +107,91 @@ def test_a_hung_step_reboots_through_the_firmware_instead_of_a_kexec_that_would_
     code, _called, log = run_hook(tmp_path, "kexec", f"PETITKEXEC={stub(tmp_path, 5)}\n")
     assert code == 5
     assert "a step hung: rebooting through the firmware" in log
+    assert (tmp_path / "sysrq").read_text() == "b\n"
+
+
+def test_a_hung_step_syncs_before_the_firmware_reboot(tmp_path: Path) -> None:
+    # systemd-shutdown syncs only after the hooks, and sysrq b syncs nothing.
+    code, _called, log = run_hook(tmp_path, "kexec", f"PETITKEXEC={stub(tmp_path, 5)}\n")
+    assert code == 5
+    assert (tmp_path / "synced").read_text() == "before-sysrq\n"
+    assert log.index("a step hung") < log.index("file systems synced")
+    assert (tmp_path / "sysrq").read_text() == "b\n"
+
+
+def test_a_sync_that_never_returns_does_not_hold_back_the_firmware_reboot(tmp_path: Path) -> None:
+    # A dead network or storage session can block sync(2) for ever.
+    stand_in_sync(tmp_path, f"echo $$ >{tmp_path}/sync.pid\nexec sleep 60\n")
+    defaults = f"PETITKEXEC={stub(tmp_path, 5)}\nPETITKEXEC_SYNC_WAIT=1\n"
+    began = time.monotonic()
+    try:
+        code, _called, log = run_hook(tmp_path, "kexec", defaults)
+        took = time.monotonic() - began
+    finally:
+        if (tmp_path / "sync.pid").exists():
+            os.kill(int((tmp_path / "sync.pid").read_text()), signal.SIGKILL)
+    assert code == 5 and took < 10, took
+    assert "sync did not finish within 1 s: rebooting without it" in log
+    assert (tmp_path / "sysrq").read_text() == "b\n"
+
+
+def teardown_that_waits_for_sigterm(tmp_path: Path, exit_code: int) -> Path:
+    """A stand-in petitkexec that runs until SIGTERM, then exits with `exit_code`."""
+    path = tmp_path / "bin" / "petitkexec"
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(
+        f"#!/bin/sh\ntrap 'echo SIGTERM >{tmp_path}/got; exit {exit_code}' TERM\n"
+        f"echo $$ >{tmp_path}/teardown.pid\n"
+        "while :; do sleep 0.1; done\n"
+    )
+    path.chmod(0o755)
+    return path
+
+
+def kill_hook_like_systemd(tmp_path: Path, exit_code: int) -> tuple[int, bool]:
+    """Start the hook, then send SIGTERM to the hook's shell alone, as the kernel does when
+    systemd-shutdown's executor dies of its alarm (PR_SET_PDEATHSIG=SIGTERM on each hook).
+    The hook's exit status, and whether the stand-in petitkexec was still running after."""
+    defaults = f"PETITKEXEC={teardown_that_waits_for_sigterm(tmp_path, exit_code)}\n"
+    environment = hook_environment(tmp_path, defaults)
+    hook = subprocess.Popen(["sh", str(HOOK), "kexec"], env=environment)
+    pid_file = tmp_path / "teardown.pid"
+    try:
+        deadline = time.monotonic() + 10
+        while not pid_file.exists() or not pid_file.read_text().strip():
+            assert time.monotonic() < deadline, "the stand-in petitkexec never started"
+            time.sleep(0.05)
+        hook.send_signal(signal.SIGTERM)
+        code = hook.wait(timeout=10)
+    finally:
+        hook.kill()
+        teardown_pid = int(pid_file.read_text())
+        try:
+            os.kill(teardown_pid, 0)
+            still_running = True
+            os.kill(teardown_pid, signal.SIGKILL)
+        except ProcessLookupError:
+            still_running = False
+    return code, still_running
+
+
+def test_systemds_sigterm_reaches_petitkexec_and_the_hook_waits_for_it(tmp_path: Path) -> None:
+    code, still_running = kill_hook_like_systemd(tmp_path, exit_code=130)
+    assert (tmp_path / "got").read_text() == "SIGTERM\n"
+    assert not still_running
+    assert code == 130
+    assert "teardown exit 130" in (tmp_path / "log").read_text()
+    assert not (tmp_path / "sysrq").exists()
+
+
+def test_a_hang_reported_after_systemds_sigterm_still_reboots_through_the_firmware(
+    tmp_path: Path,
+) -> None:
+    # systemd goes on to `kexec -e`, which hangs in device_shutdown() behind the stuck step:
+    # only the hook's sysrq b gets the machine out.
+    code, still_running = kill_hook_like_systemd(tmp_path, exit_code=5)
+    assert not still_running and code == 5
+    assert (tmp_path / "synced").read_text() == "before-sysrq\n"
     assert (tmp_path / "sysrq").read_text() == "b\n"
 
 

@@ -76,6 +76,8 @@ def test_verify_names_a_function_whose_driver_did_not_come_back(
     env = environment(sim, tmp_path)
     snapshot = tmp_path / "before.json"
     invoke(env, "snapshot", "-o", str(snapshot))
+    # `none` first, or "udev" binds it again at once (SimKernel.autoprobe)
+    sim.write(sim.device_dir("0000:02:00.0") / "driver_override", b"none")
     sim.write(sim.root / "bus/pci/drivers/e1000e/unbind", b"0000:02:00.0")
     result = invoke(env, "verify", "--against", str(snapshot), "--json")
     assert result.exit_code == ExitCode.NOT_BACK

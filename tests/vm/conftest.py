@@ -19,6 +19,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
+from tests.conftest import TIMINGS_DIR  # noqa: E402
 from tests.vm import guest  # noqa: E402
 from tests.vm.images.build import Images, current_images  # noqa: E402
 from tests.vm.images.lanes import X86, Lane  # noqa: E402
@@ -34,7 +35,6 @@ HOST_TOOLS = (
     "mke2fs",
     "readelf",
 )
-_TIMINGS = pytest.StashKey[list[tuple[str, str]]]()
 Boot = Callable[..., guest.GuestRun]
 
 
@@ -42,24 +42,36 @@ def in_ci() -> bool:
     return os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 
+# The guests that do not boot the q35 lane's images (each lane caches its own). scripts/test
+# runs two pytest-xdist workers with --dist loadgroup: the q35 lane's tests go to one, these to
+# the other, so two single-vCPU guests run side by side on two cores and no two workers ever
+# build the same lane's images (its session layer is rewritten once per process).
+OTHER_IMAGES = ("test_powernv", "test_systemd_guest", "test_debian_package", "test_ansible")
+
+
+def lane_group(module: str) -> str:
+    return "other-images" if module.startswith(OTHER_IMAGES) else "q35"
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
-        if HERE in Path(str(item.fspath)).resolve().parents:
+        path = Path(str(item.fspath)).resolve()
+        if HERE in path.parents:
             item.add_marker(pytest.mark.vm)
-
-
-def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:  # type: ignore[no-untyped-def]
-    timings = config.stash.get(_TIMINGS, [])
-    if timings:
-        terminalreporter.section("vm lane timings")
-        for name, value in timings:
-            terminalreporter.write_line(f"{name}: {value}")
+            item.add_marker(pytest.mark.xdist_group(lane_group(path.stem)))
 
 
 @pytest.fixture(scope="session")
 def record_timing(pytestconfig: pytest.Config) -> Callable[[str, str], None]:
     """record_timing(name, value): shown in the 'vm lane timings' section after the run."""
-    return lambda name, value: pytestconfig.stash.setdefault(_TIMINGS, []).append((name, value))
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
+    path = Path(os.environ[TIMINGS_DIR]) / f"{worker}.txt"
+
+    def record(name: str, value: str) -> None:
+        with open(path, "a") as timings:
+            timings.write(f"{name}: {value}\n")
+
+    return record
 
 
 @pytest.fixture(scope="session")

@@ -37,7 +37,10 @@ The guest runs the test by itself (``pktest.service``, after multi-user.target):
 With ``mode="hang"`` the root file system is the image's tree over virtio-9p (a writable
 overlay on the host: the cache stays pristine), ``/etc/petitkexec.toml`` lifts the share's
 protection (``unprotect``), so the hook's unbind of the share's device hangs in
-``p9_virtio_remove()``.
+``p9_virtio_remove()``; its ``unbind-timeout`` (60 s) is longer than the hook's time limit
+(``PETITKEXEC_TIME_LIMIT=10``), which is what cuts the hang short. ``mode="hang-past-limit"``
+is the same with the unbind's deadline
+(``unbind-timeout``) and the hook's time limit raised past systemd's 90 s hook limit.
 
 With ``mode="missing-driver"`` the first boot is the ``kexec`` one, but the second kernel's
 command line gets ``module_blacklist=e1000e`` (the first kernel's ``pkkeepout=e1000e`` asks
@@ -120,7 +123,15 @@ VIRTFS_BDF = "0000:00:09.0"  # virtio-9p: the root file system (mode hang)
 VIRTFS_TAG = "pkroot"
 KEPT_OUT_BDF = "0000:02:00.0"  # e1000e: its driver is kept out of the second kernel
 KEPT_OUT_MODULE = "e1000e"  # (mode missing-driver)
-MODES = ("kexec", "hang", "missing-driver")
+MODES = ("kexec", "hang", "hang-past-limit", "missing-driver")
+# mode hang-past-limit: the hung unbind outlasts systemd's 90 s hook limit (its deadline and
+# the hook's time limit raised past it), so systemd's SIGTERM comes while petitkexec waits.
+PAST_LIMIT_UNBIND_TIMEOUT = 100
+PAST_LIMIT_TIME_LIMIT = 120
+# mode hang: the hook's time limit (/etc/default/petitkexec) below the unbind deadline
+# (/etc/petitkexec.toml), so the time limit is what ends the hung unbind.
+HANG_TIME_LIMIT = 10
+HANG_UNBIND_TIMEOUT = 60
 NINEP_ROOTFLAGS = "trans=virtio,version=9p2000.L,msize=262144,cache=loose"
 TOPOLOGY: tuple[str, ...] = (
     *(
@@ -188,6 +199,8 @@ second)
     devices FIRST-DEVICE
     if [ -n "$(arg pkunprotect)" ]; then
         printf 'unprotect = ["%s"]\n' "$(arg pkunprotect)" >/etc/petitkexec.toml
+        [ -z "$(arg pkunbindtimeout)" ] ||
+            printf 'unbind-timeout = %s\n' "$(arg pkunbindtimeout)" >>/etc/petitkexec.toml
         chown root:root /etc/petitkexec.toml
         chmod 0644 /etc/petitkexec.toml
         echo "PKTEST-CONFIG $(stat -c '%U:%G %a' /etc/petitkexec.toml) $(cat /etc/petitkexec.toml)"
@@ -199,10 +212,16 @@ second)
     sed 's/^/PKTEST-ANALYZE /' /run/pktest-analyze
     echo "PKTEST-ANALYZE-EXIT $status"
     echo "PKTEST-SNAPSHOT-UNIT $(systemctl is-active petitkexec-snapshot.service)"
+    defaults=/etc/default/petitkexec
+    limit=$(arg pktimelimit)
+    [ -z "$limit" ] ||
+        sed -i "s/^PETITKEXEC_TIME_LIMIT=[0-9]*/PETITKEXEC_TIME_LIMIT=$limit/" "$defaults"
     echo "PKTEST-DEFAULTS $(grep '^PETITKEXEC=' /etc/default/petitkexec)"
+    echo "PKTEST-TIME-LIMIT $(grep '^PETITKEXEC_TIME_LIMIT=' /etc/default/petitkexec)"
     append=
     for word in $(cat /proc/cmdline); do
-        case $word in pktest=*|pkunprotect=*|pkkeepout=*) ;; *) append="$append $word";; esac
+        case $word in pktest=*|pkunprotect=*|pkkeepout=*|pkunbindtimeout=*|pktimelimit=*) ;;
+        *) append="$append $word";; esac
     done
     # The kernel refuses init_module() for a module named in module_blacklist= (-EPERM):
     # the second kernel comes up without that driver, as if it had not been built.
@@ -709,8 +728,14 @@ def _kernel_append(mode: str, marker: str, root: str) -> str:
         f"pkmarker={marker}",
     ]
     words.append(f"pktest={mode}")
-    if mode == "hang":
+    if mode in ("hang", "hang-past-limit"):
         words.append(f"pkunprotect={VIRTFS_BDF}")
+    if mode == "hang":
+        words.append(f"pkunbindtimeout={HANG_UNBIND_TIMEOUT}")
+        words.append(f"pktimelimit={HANG_TIME_LIMIT}")
+    if mode == "hang-past-limit":
+        words.append(f"pkunbindtimeout={PAST_LIMIT_UNBIND_TIMEOUT}")
+        words.append(f"pktimelimit={PAST_LIMIT_TIME_LIMIT}")
     if mode == "missing-driver":
         words.append(f"pkkeepout={KEPT_OUT_MODULE}")
     return " ".join(words)
@@ -731,6 +756,8 @@ def boot_systemd(
     mode "kexec": root on the virtio-blk disk (ext4, writes discarded with snapshot=on);
     mode "hang": root on virtio-9p (the image's tree under a private writable overlay), whose
     protection /etc/petitkexec.toml lifts: the hook's unbind of 00:09.0 hangs;
+    mode "hang-past-limit": as "hang", with the unbind's deadline and the hook's time limit
+    past systemd's 90 s hook limit: systemd's SIGTERM comes while the unbind hangs;
     mode "missing-driver": as "kexec", with module_blacklist=e1000e on the second kernel's
     command line (02:00.0 comes back without a driver: verify must fail).
     """
@@ -750,7 +777,7 @@ def boot_systemd(
     qemu = shutil.which(guest.QEMU)
     if qemu is None:
         raise RuntimeError(f"{guest.QEMU} not found: see .ci/apt-packages")
-    if mode == "hang":
+    if mode in ("hang", "hang-past-limit"):
         root = f"root={VIRTFS_TAG} rootfstype=9p rootflags={NINEP_ROOTFLAGS}"
     else:
         root = "root=/dev/vda"
@@ -782,7 +809,7 @@ def boot_systemd(
     for option in TOPOLOGY:
         args += option.split(" ", 1)
     command = args
-    if mode == "hang":
+    if mode in ("hang", "hang-past-limit"):
         merged = work / "merged"
         for name in ("upper", "overlay-work", "merged"):
             (work / name).mkdir()

@@ -259,8 +259,9 @@ def test_watchdog_is_refused_when_the_running_kernel_would_stop_it(boot: Boot) -
     assert "STOP-ON-REBOOT -1" in run.log, run.tail(120)
     assert "PK-EXIT 3" in run.log, run.tail(120)
     assert (
-        "petitkexec: --watchdog: the running kernel would stop watchdog0 at the kexec: "
-        f"{ESB_DRIVER} stops it on reboot (boot with watchdog.stop_on_reboot=0)"
+        "petitkexec: --watchdog: the running kernel would stop watchdog0 before the next kernel "
+        f"runs: {ESB_DRIVER} stops it on reboot (watchdog_stop_on_reboot(); boot with "
+        "watchdog.stop_on_reboot=0)"
     ) in run.log, run.tail(120)
     before, after = run.readback("before"), run.readback("after")
     assert before[ESB].driver == ESB_DRIVER

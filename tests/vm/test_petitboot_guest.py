@@ -98,6 +98,13 @@ def test_a_refused_handoff_rolls_back_and_init_brings_the_menu_back(
     assert "returned 1: kexec refused by the test" in second, second
     assert "petitkexec-restart: petitkexec exec ended with 4" in second, second
     assert "no kexec; back to the boot menu" in second
+    # The restart action's report reached the kernel log, where the menu's shell reads it.
+    kernel_log = [line for line in run.log.splitlines() if line.startswith("PETITBOOT-KMSG ")]
+    assert [line.split("petitkexec-restart: ", 1)[1] for line in kernel_log] == [
+        "petitkexec exec ended with 3",
+        "petitkexec exec ended with 3",
+        "petitkexec exec ended with 4",
+    ], kernel_log
     assert drivers(run, "menu-3") == EXPECTED_DRIVERS, run.tail(150)
 
 

@@ -40,6 +40,13 @@ def exec_to_second_seconds(run: GuestRun) -> float:
     return times["starting_new_kernel"] - guest_uptime(run, "PK-START") + times["second_up"]
 
 
+def state(run: GuestRun, tag: str) -> dict[str, tuple[str | None, int | None]]:
+    """Each function's driver and COMMAND register, as the read-back with this tag saw them:
+    what a rollback must bring back (a driver rebound with bus master or memory decoding off
+    is not rolled back)."""
+    return {bdf: (line.driver, line.command) for bdf, line in run.readback(tag).items()}
+
+
 def assert_quiet_before_kexec(run: GuestRun, protected: set[str] = frozenset()) -> None:  # type: ignore[assignment]
     """Right before the kexec syscall every unprotected function has no driver and BME off."""
     readback = run.readback("pre-kexec")
@@ -91,18 +98,57 @@ def test_exec_unbinds_sriov_vfs_before_their_pf(boot: Boot) -> None:
     assert_second_kernel_reprobed(run)
 
 
+# The seven root ports and, below each, what their bus resets reach (the pcie-pci-bridge's
+# own bus comes with 00:06.0's).
+RESET_BRIDGES = {
+    "0000:00:02.0": ("0000:01:00.0",),
+    "0000:00:03.0": ("0000:02:00.0",),
+    "0000:00:04.0": ("0000:03:00.0",),
+    "0000:00:05.0": ("0000:04:00.0",),
+    "0000:00:06.0": ("0000:05:00.0", "0000:06:01.0"),
+    "0000:00:07.0": ("0000:07:00.0", "0000:07:00.1"),
+    "0000:00:0a.0": ("0000:08:00.0",),
+}
+
+
+# What the kernel logs (pci_info) when, after the secondary bus reset, the link below a
+# port does not report Data Link Layer Link Active within its wait
+# (pci_bridge_wait_for_secondary_bus(), drivers/pci/pci.c): then reset_subordinate answers
+# ENOTTY. On this guest the ports above QEMU's xHCI and AHCI reset without that wait, and the
+# kernel logs nothing about them (seen, not traced to its cause).
+KERNEL_NO_LINK = r"^\[\s*\d+\.\d+\] pci {bridge}: Data Link Layer Link Active not set in 1000 msec$"
+
+
 def test_hot_reset_resets_the_root_ports_through_the_kernel(boot: Boot) -> None:
-    run = boot(scenario(f"{EXEC} --hot-reset\necho PK-EXIT $?\n"))
-    resets = [
-        line for line in run.log.splitlines() if re.match(r"\[\s*\d+/\d+\] \S+ reset-bus ", line)
-    ]
-    assert len(resets) == 7, run.tail(120)  # the seven root ports, side by side
-    for line in resets:
+    # Console log level 7: the kernel's KERN_INFO lines about the resets reach the serial log.
+    run = boot(scenario(f"echo 7 > /proc/sys/kernel/printk\n{EXEC} --hot-reset\necho PK-EXIT $?\n"))
+    resets = {
+        match[1]: match[0]
+        for match in re.finditer(r"^\[\s*\d+/\d+\] (\S+) reset-bus .*$", run.log, re.M)
+    }
+    assert set(resets) == set(RESET_BRIDGES), run.tail(120)  # the root ports, side by side
+    for line in resets.values():
         # Kernel-mediated, never raw. On QEMU 7.2's root ports the kernel resets the bus, then
         # gives up waiting for Data Link Layer Link Active and answers ENOTTY; the
         # pcie-pci-bridge's bus comes back. Either way every function below must answer.
         assert "reset_subordinate" in line and "functions answered" in line, line
         assert "raw" not in line
+    # From outside petitkexec: the kernel's own account of every reset it refused ...
+    refused = {bridge for bridge, line in resets.items() if "refused: ENOTTY" in line}
+    kernel_says = {
+        bridge
+        for bridge in RESET_BRIDGES
+        if re.search(KERNEL_NO_LINK.format(bridge=re.escape(bridge)), run.log, re.M)
+    }
+    assert kernel_says == refused, run.tail(150)
+    # ... and busybox's read-back right before the kexec: every function below a reset bridge
+    # is there, answers config reads (not 0xffff), has no driver and bus master off.
+    readback = run.readback("pre-kexec")
+    below = [bdf for functions in RESET_BRIDGES.values() for bdf in functions]
+    answers = {bdf: readback[bdf].command for bdf in below if bdf in readback}
+    assert set(answers) == set(below), run.tail(120)
+    assert all(command not in (None, 0xFFFF) for command in answers.values()), answers
+    assert not any(readback[bdf].driver or readback[bdf].bus_master for bdf in below), answers
     assert_quiet_before_kexec(run)
     assert_second_kernel_reprobed(run)
 
@@ -177,6 +223,7 @@ def test_a_hung_remove_hits_the_deadline_and_there_is_no_handoff(
     run = boot(
         scenario(
             "mount -t 9p -o trans=virtio,version=9p2000.L host0 /mnt\n"
+            "readback before\n"
             f"{EXEC} --unprotect {VIRTFS_BDF} --unbind-timeout 3\necho PK-EXIT $?\n"
             "readback after\n"
         ),
@@ -190,8 +237,11 @@ def test_a_hung_remove_hits_the_deadline_and_there_is_no_handoff(
     stopped = "stopped: unbind of 0000:00:09.0: virtio-pci remove() did not return within 3 s"
     assert stopped in run.log
     assert "KEXEC-START" not in run.log and not run.second_up
-    after = run.readback("after")  # everything else was rolled back: drivers are bound again
-    assert after["0000:02:00.0"].driver == "e1000e" and after[NVME].driver == "nvme"
+    # Everything else was rolled back: drivers and COMMAND as before. The stuck function
+    # reads unbound: the kernel drops the driver link before it calls remove().
+    before, after = state(run, "before"), state(run, "after")
+    assert after.pop(VIRTFS_BDF)[0] is None and before.pop(VIRTFS_BDF)[0] == "virtio-pci"
+    assert after == before, run.tail(120)
 
 
 def test_dry_run_changes_nothing(boot: Boot) -> None:
@@ -233,11 +283,17 @@ def test_exec_load_loads_the_kernel_itself_and_syscall_hands_off_without_kexec_e
 
 
 def test_a_failed_handoff_rolls_every_driver_back(boot: Boot) -> None:
-    run = boot(scenario("petitkexec exec --kexec /bin/false\necho PK-EXIT $?\nreadback after\n"))
+    run = boot(
+        scenario(
+            "readback before\npetitkexec exec --kexec /bin/false\necho PK-EXIT $?\nreadback after\n"
+        )
+    )
     assert "PK-EXIT 4" in run.log, run.tail(120)
     assert "handoff failed: /bin/false -e returned 1" in run.log
-    after = run.readback("after")
-    bound = {bdf: line.driver for bdf, line in after.items()}
-    assert bound == EXPECTED_DRIVERS, run.tail(120)
+    # The kexec-readback's pre-kexec read-back is not taken (/bin/false is the binary): the
+    # teardown is proven by petitkexec's lines; the rollback by busybox's, COMMAND included.
+    after = state(run, "after")
+    assert {bdf: driver for bdf, (driver, _) in after.items()} == EXPECTED_DRIVERS, run.tail(120)
+    assert after == state(run, "before"), run.tail(120)
     rollback = [line for line in run.log.splitlines() if line.startswith("rollback: ")]
     assert rollback and all(line.endswith(": ok") for line in rollback), run.tail(120)

@@ -7,8 +7,15 @@ itself): the tests below read what the console showed.
   hook's report in the kernel log; a read-back by coreutils right before the kexec syscall; the
   second kernel's devices; petitkexec-verify.service in the second boot.
 - hang: root on virtio-9p at 00:09.0, its protection lifted in /etc/petitkexec.toml. The hook's
-  unbind hangs in p9_virtio_remove(); the hook exits 5 and reboots through the firmware
-  (sysrq `b`), which with -no-reboot ends QEMU, well inside systemd's 90 s hook limit.
+  unbind hangs in p9_virtio_remove() until the hook's time limit (10 s, shorter than the 60 s
+  unbind deadline) cuts it short; the hook exits 5 and reboots through the firmware (sysrq
+  `b`), which with -no-reboot ends QEMU, well inside systemd's 90 s hook limit: systemd never
+  runs its `kexec -e`, whose device_shutdown() would wait for the stuck remove() for ever.
+- hang-past-limit: as hang, with the unbind's deadline (100 s) and the hook's time limit
+  (120 s) past systemd's 90 s. systemd's SIGTERM reaches the hook's shell alone; the hook
+  passes it on to petitkexec and waits; systemd's own `kexec -e` hangs in device_shutdown()
+  behind the stuck remove(); petitkexec reports the hang (exit 5) and the hook syncs and
+  reboots through the firmware all the same.
 - missing-driver: as kexec, but the second kernel is loaded with module_blacklist=e1000e, so
   02:00.0 comes back without its driver: the second boot's verify must fail naming it, and
   nothing else.
@@ -42,7 +49,7 @@ SBIN = ("/sbin", "/usr/sbin")  # root's tools, when PATH lacks them
 # Per QEMU run, about twice the slowest seen on a loaded 2-core machine (kexec: two Debian
 # boots, ~170-280 s; hang: one boot on 9p, ~100-190 s; missing-driver: kexec's plus verify's
 # 60 s of looking again for the absent driver, ~440 s). QEMU is killed when it runs out.
-BOOT_TIMEOUT = {"kexec": 600, "hang": 420, "missing-driver": 900}
+BOOT_TIMEOUT = {"kexec": 600, "hang": 420, "hang-past-limit": 600, "missing-driver": 900}
 VERIFY_NOT_BACK = 6  # petitkexec's exit code: a function did not come back as it was
 
 
@@ -109,10 +116,41 @@ def hang_run(
     run = _boot(images, "hang", "systemd guest: hung unbind", record_timing)
     start = run.uptime("PKTEST-SYSTEMCTL-KEXEC")
     reset = run.printk_time("sysrq: Resetting")
+    hung = run.printk_time("petitkexec: a step hung")
+    synced = run.printk_time("petitkexec: file systems synced")
     record_timing(
         "systemd guest: systemctl kexec -> firmware reset (hung unbind)",
         f"guest clock {None if start is None or reset is None else round(reset - start, 1)}s "
-        f"(hook {run.hook_seconds and round(run.hook_seconds, 1)}s)",
+        f"(hook {run.hook_seconds and round(run.hook_seconds, 1)}s, sync "
+        f"{None if hung is None or synced is None else round(synced - hung, 2)}s)",
+    )
+    return run
+
+
+@pytest.fixture(scope="module")
+def hang_past_limit_run(
+    images: systemd_guest.SystemdImages, record_timing: Callable[[str, str], None]
+) -> SystemdRun:
+    run = _boot(
+        images, "hang-past-limit", "systemd guest: unbind hung past the limit", record_timing
+    )
+    detached = run.printk_time(systemd_guest.SHUTDOWN_DETACHED)
+    times = {
+        name: run.printk_time(text)
+        for name, text in (
+            ("SIGTERM", "petitkexec: SIGTERM (systemd's hook time limit)"),
+            ("systemd's kexec", "Rebooting with kexec"),
+            ("teardown exit", "petitkexec: teardown exit"),
+            ("synced", "petitkexec: file systems synced"),
+            ("reset", "sysrq: Resetting"),
+        )
+    }
+    record_timing(
+        "systemd guest: hooks start -> (unbind hung past the limit)",
+        ", ".join(
+            f"{name} +{None if t is None or detached is None else round(t - detached, 1)}s"
+            for name, t in times.items()
+        ),
     )
     return run
 
@@ -215,13 +253,22 @@ def test_hung_unbind_reboots_through_the_firmware_inside_the_hook_limit(
     assert run.values("PKTEST-ROOT")[0].split()[1] == "9p", run.tail()
     config = run.values("PKTEST-CONFIG")
     assert config and config[0].startswith("root:root 644 "), config
-    hung = [t for t in run.hook_text if VIRTFS_BDF in t and " hung: " in t]
-    assert hung, "\n".join(run.hook_text) or run.tail()
+    # PKTEST-CONFIG prints the file: its second line stands alone on the console.
+    unbind = f"unbind-timeout = {systemd_guest.HANG_UNBIND_TIMEOUT}"
+    assert unbind in run.log.splitlines(), run.tail()
+    limit = f"PETITKEXEC_TIME_LIMIT={systemd_guest.HANG_TIME_LIMIT}"
+    assert [v.split()[0] for v in run.values("PKTEST-TIME-LIMIT")] == [limit], run.tail()
+    # The time limit, not the unbind deadline, ended the share's unbind.
+    cut = [t for t in run.hook_text if VIRTFS_BDF in t and "time limit" in t]
+    assert cut, "\n".join(run.hook_text) or run.tail()
     assert run.teardown_exit == 5, "\n".join(run.hook_text)
     assert any(t.startswith("a step hung: rebooting") for t in run.hook_text), run.hook_text
     # sysrq b: an emergency restart, no device_shutdown(); -no-reboot makes it QEMU's exit.
     reset = run.printk_time("sysrq: Resetting")
     assert reset is not None, run.tail()
+    # sysrq b syncs nothing and systemd's own sync comes after the hooks: the hook syncs first.
+    synced = run.printk_time("petitkexec: file systems synced")
+    assert synced is not None and synced <= reset, "\n".join(run.hook_text)
     assert not run.timed_out and not run.poweroff_hung and run.qemu_returncode == 0, run.tail()
     assert not run.second_up and "Starting new kernel" not in run.log
     assert "Rebooting with kexec" not in run.log  # systemd never got to its kexec
@@ -229,6 +276,36 @@ def test_hung_unbind_reboots_through_the_firmware_inside_the_hook_limit(
     detached = run.printk_time(systemd_guest.SHUTDOWN_DETACHED)
     assert detached is not None, run.tail()
     assert reset - detached < SYSTEMD_HOOK_LIMIT, (detached, reset)
+
+
+def test_systemds_kill_reaches_petitkexec_and_a_hang_still_reboots_through_the_firmware(
+    hang_past_limit_run: SystemdRun,
+) -> None:
+    run = hang_past_limit_run
+    limit = f"PETITKEXEC_TIME_LIMIT={systemd_guest.PAST_LIMIT_TIME_LIMIT}"
+    assert [v.split()[0] for v in run.values("PKTEST-TIME-LIMIT")] == [limit], run.tail()
+    detached = run.printk_time(systemd_guest.SHUTDOWN_DETACHED)
+    sigterm = run.printk_time("petitkexec: SIGTERM (systemd's hook time limit)")
+    kexec = run.printk_time("systemd-shutdown[1]: Rebooting with kexec")
+    teardown_exit = run.printk_time("petitkexec: teardown exit")
+    synced = run.printk_time("petitkexec: file systems synced")
+    reset = run.printk_time("sysrq: Resetting")
+    report = "\n".join(run.hook_text)
+    assert None not in (detached, sigterm, kexec, teardown_exit, synced, reset), (
+        f"{report}\n{run.tail()}"
+    )
+    assert detached is not None and sigterm is not None and kexec is not None
+    assert teardown_exit is not None and synced is not None and reset is not None
+    # systemd's alarm: SIGTERM to the hook's shell, passed on to petitkexec; systemd went on
+    # to its kexec, which hangs in device_shutdown() behind the stuck remove().
+    assert sigterm - detached >= SYSTEMD_HOOK_LIMIT - 1, (detached, sigterm)
+    assert "Starting new kernel" not in run.log and not run.second_up
+    # petitkexec ended (the shell waited for it), reporting the hang, after the SIGTERM ...
+    assert sigterm <= teardown_exit and run.teardown_exit == 5, report
+    assert any(VIRTFS_BDF in t and " hung: " in t for t in run.hook_text), report
+    # ... and the hook, alive, synced and reset the machine through the firmware.
+    assert teardown_exit <= synced <= reset, report
+    assert not run.timed_out and run.qemu_returncode == 0, run.tail()
 
 
 # --- the second kernel without one driver ------------------------------------------------------

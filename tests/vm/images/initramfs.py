@@ -76,6 +76,9 @@ def build_second(
     install_busybox(rb)
     install_guest_scripts(rb, "init-second")
     install_modules(rb, kver, modules, modules_dir)
+    if lane.second_programs:
+        rb.add_elf_closure(*lane.second_programs)
+        install_ld_cache(rb)
     out = write_cpio(rb.root, build / "second-base.cpio.gz", nodes=[CONSOLE], level=9)
     shutil.rmtree(rb.root)
     return out

@@ -32,6 +32,7 @@ ROOT_PACKAGES = (
     "libumockdev0",
     "udev",  # only its udevadm binary: umockdev-record runs `udevadm info`
     "nvme-cli",
+    "nbd-client",  # busybox-static 1.35 in Debian 12 has no nbd-client applet
 )
 # Modules loaded (in dependency order) by both guest kernels. pcieport and shpchp are built in.
 GUEST_MODULES = (
@@ -50,6 +51,8 @@ GUEST_MODULES = (
     "9p",
     "crc32c_generic",
     "ext4",
+    # A network block device: both kernels connect one in tests/vm/test_storage_guest.py.
+    "nbd",
     # For devices some tests add: vfio-pci (bound by hand; its IOMMU backend, as vfio loads
     # it on demand) and the i6300esb watchdog.
     "vfio_pci",
@@ -79,6 +82,8 @@ class Lane:
     stage1_scripts: tuple[str, ...] = ()
     stage1_programs: tuple[str, ...] = ()
     stage1_links: tuple[tuple[str, str], ...] = ()
+    # Binaries, with their libraries, the second kernel's initramfs has too (else busybox only).
+    second_programs: tuple[str, ...] = ()
     # None: the host runs the guest's busybox and ldconfig (applets linked and ld cache built
     # here). Otherwise this /init does both at boot, then runs the common init (/etc/pk-init).
     boot_init: Path | None = None
@@ -106,7 +111,9 @@ X86 = Lane(
     root_packages=ROOT_PACKAGES,
     guest_modules=GUEST_MODULES,
     stage1_scripts=("setup-sriov",),
-    # umockdev-record runs `udevadm info`; nvme-cli for the scenarios.
-    stage1_programs=("usr/bin/umockdev-record", "bin/udevadm", "usr/sbin/nvme"),
+    # umockdev-record runs `udevadm info`; nvme-cli and nbd-client for the scenarios.
+    stage1_programs=("usr/bin/umockdev-record", "bin/udevadm", "usr/sbin/nvme", "sbin/nbd-client"),
     stage1_links=(("usr/bin/udevadm", "/bin/udevadm"),),
+    # The second kernel reconnects the NBD disk the first one wrote to, to read it back.
+    second_programs=("sbin/nbd-client",),
 )
