@@ -36,7 +36,7 @@ pytestmark = pytest.mark.vm
 
 COUNT = 8
 SECONDS = 2.0
-# End to end, against the floor: measured 0.69 on a quieter machine and 0.91 at a load average
+# End to end, against the floor: measured 0.51 on a quiet machine and 0.91 at a load average
 # of 10 (CI runs two guests side by side on two cores). petitkexec's own Python start under
 # TCG (5.5 s quiet, 9 s loaded; 0.25 s on a host) grows with the load, the 8 x 2 s does not.
 # The bench's 0.5 target is for the measured plain on a quiet machine; here: not slower.
