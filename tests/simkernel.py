@@ -27,6 +27,7 @@ that does not go down. All state lives in files, because unbind runs in a forked
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import os
@@ -79,6 +80,9 @@ class SimFunction:
     probe_defers: bool = False  # probe() answers -EPROBE_DEFER until fire_deferred_probes()
     remove_seconds: float = 0.0  # how long remove() takes (NVMe shutdown, NIC firmware)
     reset_seconds: float = 0.0  # how long a secondary bus reset below this bridge takes
+    # A VF recreated through sriov_numvfs with its PF's sriov_drivers_autoprobe on is probed
+    # by the first matching driver (the PF's VF driver), not necessarily the one it had.
+    autoprobe_driver: str | None = None
 
     @property
     def address(self) -> Bdf:
@@ -360,6 +364,12 @@ class SimKernel:
 
     # -- what happens without a write: probes that come late ---------------------------------
 
+    def probe_under_way(self, bdf: str, driver: str) -> None:
+        """A probe that had matched (pci_match_device()) before driver_override was written,
+        finishing now: driver_override no longer stops it."""
+        with self._device_lock(bdf):
+            self._probe(bdf, driver)
+
     def late_probe(self, bdf: str, driver: str | None = None) -> str | None:
         """A probe the test process did not ask for (udev after an unbind, a deferred or
         asynchronous probe, a module load): binds the function's driver, or the one its
@@ -494,6 +504,15 @@ class SimKernel:
         override = self.attribute(bdf, "driver_override")
         if override not in ("(null)", driver):
             raise OSError(errno.ENODEV, "No such device")  # driver_match_device() failed
+        physfn = self.by_bdf[bdf].physfn
+        if (
+            physfn
+            and override == "(null)"
+            and self.attribute(physfn, "sriov_drivers_autoprobe") == "0"
+        ):
+            # pci_device_can_probe(): a VF without driver_override probes only while its
+            # PF's sriov_drivers_autoprobe is on.
+            raise OSError(errno.ENODEV, "No such device")
         with self._device_lock(bdf):
             if self.driver_of(bdf) is not None:
                 raise OSError(errno.EBUSY, "Device or resource busy")  # __driver_probe_device()
@@ -593,7 +612,9 @@ class SimKernel:
             probe = self.attribute(bdf, "sriov_drivers_autoprobe") == "1"
             for vf in vfs[:wanted]:
                 if not self.exists(vf.bdf):
-                    self._build(vf, probe=probe)
+                    # pci_iov_add_virtfn(): the first driver that matches probes it.
+                    autoprobed = vf.autoprobe_driver or vf.driver
+                    self._build(dataclasses.replace(vf, driver=autoprobed), probe=probe)
             (self.device_dir(bdf) / "sriov_numvfs").write_text(f"{wanted}\n")
 
     def _write_reset_method(self, bdf: str, text: str, _data: bytes, _offset: int | None) -> None:
