@@ -8,6 +8,7 @@ function a teardown touches, and to read back: platform accessors swallow write 
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 from dataclasses import dataclass
 
@@ -26,6 +27,26 @@ class BusMasterClearer:
 
     kernel: Kernel
     journal: Journal
+
+    def hold_off_probes(self, outcome: StepOutcome) -> StepOutcome:
+        """driver_override "none" on a function this step left quiet without a driver
+        (journalled): else udev's modprobe or a deferred probe may bind it before the kexec,
+        and probe turns bus mastering back on (pci_set_master())."""
+        bdf, kernel = outcome.step.bdf, self.kernel
+        if outcome.status not in (Status.DONE, Status.ALREADY) or kernel.driver(bdf) is not None:
+            return outcome
+        original = kernel.driver_override(bdf)
+        if original == "none":
+            return outcome
+        try:
+            kernel.set_driver_override(bdf, "none")
+        except KernelWriteFailed as error:
+            # Not a failure of the step: the read-back before the handoff still looks.
+            return dataclasses.replace(
+                outcome, detail=f"{outcome.detail}; driver_override not set: {error}"
+            )
+        self.journal.record(Undo(UndoKind.RESTORE_OVERRIDE, bdf, driver_override=original))
+        return outcome
 
     def clear(self, step: Step) -> StepOutcome:
         bdf, kernel = step.bdf, self.kernel

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import click
 
+from petitkexec import __version__
 from petitkexec.environment import Environment
 from petitkexec.errors import (
     INTERNAL_HINT,
@@ -44,7 +45,7 @@ Exit codes:
   5    a step hung (an unbind or a reset): no handoff (the kernel's own shutdown would hang too)
   6    verify: a function did not come back as it was
   70   an unexpected error (a bug); the teardown, if begun, was rolled back
-  130  interrupted by SIGINT/SIGTERM: rolled back"""
+  130  interrupted by SIGINT/SIGTERM/SIGHUP/SIGQUIT: rolled back, no handoff"""
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -53,6 +54,25 @@ def setting_options(*scopes: Scope) -> Callable[[F], F]:
     """The click options of every setting in `scopes`, derived from petitkexec.settings.
     Values arrive unparsed (None when not given): settings.resolve reads them, like the
     config file's."""
+
+    def decorate(command: F) -> F:
+        command = report_options(*scopes)(command)
+        command = click.option(
+            "--config",
+            "config_path",
+            type=click.Path(path_type=Path, dir_okay=False),
+            help="TOML config file with the same keys [default: /etc/petitkexec.toml if present].",
+        )(command)
+        return click.option(
+            "--json", "as_json", is_flag=True, help="Machine-readable output on stdout."
+        )(command)
+
+    return decorate
+
+
+def report_options(*scopes: Scope) -> Callable[[F], F]:
+    """Only the settings' own click options (no --config, no --json), for commands such as
+    verify that take a setting or two but plan nothing."""
 
     def decorate(command: F) -> F:
         for setting in reversed([s for s in SETTINGS if s.scope in scopes]):
@@ -68,15 +88,7 @@ def setting_options(*scopes: Scope) -> Callable[[F], F]:
                     help=setting.help_text,
                 )
             command = option(command)
-        command = click.option(
-            "--config",
-            "config_path",
-            type=click.Path(path_type=Path, dir_okay=False),
-            help="TOML config file with the same keys [default: /etc/petitkexec.toml if present].",
-        )(command)
-        return click.option(
-            "--json", "as_json", is_flag=True, help="Machine-readable output on stdout."
-        )(command)
+        return command
 
     return decorate
 
@@ -122,7 +134,7 @@ def _die(error: BaseException, *, debug: bool) -> NoReturn:
 )
 @click.option("-v", "--verbose", is_flag=True, help="Log progress (stderr).")
 @click.option("--debug", is_flag=True, help="Debug logs, and a traceback on errors.")
-@click.version_option(package_name="petitkexec")
+@click.version_option(version=__version__, package_name="petitkexec")
 @click.pass_context
 def cli(context: click.Context, verbose: bool, debug: bool) -> None:
     """Quiesce PCI devices the way remove() does, then hand off to kexec."""
@@ -200,8 +212,13 @@ def snapshot(output: Path | None) -> None:
     text = json.dumps(snapshot_to_json(environment.topology(), environment.facts()), indent=2)
     if output is None:
         click.echo(text)
-    else:
+        return
+    try:
         output.write_text(text + "\n")
+    except OSError as error:
+        raise UsageError(
+            "--output", str(output), f"cannot be written ({error.strerror})"
+        ) from error
 
 
 @cli.command(epilog=EXIT_CODES_HELP)
@@ -222,14 +239,25 @@ def snapshot(output: Path | None) -> None:
     "still be probing early in boot).",
 )
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output on stdout.")
-def verify(snapshot_path: Path, wait_s: float, as_json: bool) -> None:
+@report_options(Scope.REPORT)
+def verify(snapshot_path: Path, wait_s: float, as_json: bool, **given: Any) -> None:
     """After a kexec: is every PCI function of the snapshot back, with the driver it had?"""
+    import time
+
     from petitkexec.snapshot import load_snapshot
     from petitkexec.verify import verify_until
 
+    settings = resolve(given)  # only the command line: verify reads no config file
     before, _facts = load_snapshot(snapshot_path)
+    started = time.monotonic()
     differences = verify_until(_environment().topology, before, wait_s)
     failures = [d for d in differences if d.change.is_failure]
+    if settings.metrics is not None:
+        from petitkexec import metrics
+
+        seconds = time.monotonic() - started
+        found = metrics.verify_metrics(len(before), differences, seconds, time.time())
+        _write_metrics(settings.metrics, metrics.render(found))
     if as_json:
         _print_json(
             {
@@ -281,6 +309,26 @@ def install_systemd(root: Path, print_only: bool) -> None:
     _echo_err(f"petitkexec runs as: {command}")
 
 
+def _write_metrics(path: Path, text: str) -> None:
+    """A textfile that cannot be written is one line; the command's result and exit code stay
+    what they are (a metrics file never stands in the way of a handoff)."""
+    from petitkexec import metrics
+
+    try:
+        metrics.write_textfile(path, text)
+    except OSError as error:
+        _echo_err(f"--metrics {path}: not written ({error.strerror or error})")
+
+
+def _teardown_metrics(path: Path | None, report: TeardownReport) -> None:
+    if path is not None:
+        import time
+
+        from petitkexec import metrics
+
+        _write_metrics(path, metrics.render(metrics.teardown_metrics(report, time.time())))
+
+
 def _print_outcome(index: int, total: int, outcome: StepOutcome) -> None:
     from petitkexec.render import outcome_line
 
@@ -295,7 +343,7 @@ def _print_report(report: TeardownReport) -> None:
 
 
 @cli.command(epilog=EXIT_CODES_HELP)
-@setting_options(Scope.PLAN, Scope.EXECUTE)
+@setting_options(Scope.PLAN, Scope.EXECUTE, Scope.REPORT)
 def teardown(as_json: bool, **given: Any) -> None:
     """Execute the plan: unbind drivers, clear bus master, optionally reset buses."""
     from petitkexec.render import report_to_json
@@ -303,8 +351,10 @@ def teardown(as_json: bool, **given: Any) -> None:
     from petitkexec.run import teardown as run_teardown
 
     environment = _environment()
-    prepared = prepare(environment, _settings(given))
+    settings = _settings(given)
+    prepared = prepare(environment, settings)
     report = run_teardown(environment, prepared, _print_outcome)
+    _teardown_metrics(settings.metrics, report)
     if as_json:
         _print_json(report_to_json(report))
     _print_report(report)
@@ -312,7 +362,7 @@ def teardown(as_json: bool, **given: Any) -> None:
 
 
 @cli.command("exec", epilog=EXIT_CODES_HELP)
-@setting_options(Scope.PLAN, Scope.EXECUTE)
+@setting_options(Scope.PLAN, Scope.EXECUTE, Scope.REPORT)
 @click.option(
     "--load",
     "load_kernel",
@@ -373,7 +423,7 @@ def exec_command(
     Arguments after `--` go to `kexec -e`.
     """
     from petitkexec.handoff import LoadRequest, find_kexec
-    from petitkexec.run import ArmedWatchdog, HandoffRequest, exec_, prepare
+    from petitkexec.run import ArmedWatchdog, Handoff, HandoffRequest, exec_, prepare
 
     if append is not None and reuse_cmdline:
         raise UsageError("--append", append, "cannot be combined with --reuse-cmdline")
@@ -405,7 +455,14 @@ def exec_command(
             running_cmdline=_running_cmdline(environment) if reset_phbs else "",
         )
     request = HandoffRequest(kexec, syscall, strict, kexec_args, load, watchdog)
-    result = exec_(environment, prepared, request, _print_outcome, _handing_off)
+
+    def handing_off(report: TeardownReport, command: str) -> None:
+        _teardown_metrics(settings.metrics, report)  # the next boot reads it, if we are gone
+        _handing_off(report, command)
+
+    result = exec_(environment, prepared, request, _print_outcome, handing_off)
+    if result.handoff is not Handoff.FAILED:  # a failed handoff's file is already written
+        _teardown_metrics(settings.metrics, result.report)
     _print_exec_result(result, as_json)
     sys.exit(result.exit_code)
 
@@ -441,8 +498,14 @@ def _print_exec_result(result: ExecResult, as_json: bool) -> None:
             f"handoff failed: {' '.join(result.failure.command)} returned "
             f"{result.failure.returncode}: {result.failure.output}"
         )
+        if result.signalled is not None:
+            _echo_err(f"interrupted by {result.signalled} during the handoff")
         for line in rollback_lines(result.rollback):
             _echo_err(line)
+        if result.left_as_is:
+            _echo_err(
+                f"not rolled back (--no-rollback): {result.left_as_is} changes left as they are"
+            )
         if result.watchdog_after is not None:
             _echo_err(f"watchdog: {result.watchdog_after}")
     else:

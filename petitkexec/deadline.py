@@ -17,6 +17,9 @@ import signal
 import time
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
+from typing import NoReturn
+
+from petitkexec.signals import ignore_in_child
 
 
 @dataclass(frozen=True)
@@ -66,7 +69,19 @@ def start_child(call: Callable[[], None], timeout_s: float) -> Child:
     read_end, write_end = os.pipe()
     started = time.monotonic()
     pid = os.fork()
-    if pid == 0:  # the child: report one line, never return into the caller's stack
+    if pid == 0:
+        _run_child(call, read_end, write_end)
+    os.close(write_end)
+    return Child(pid, read_end, started, timeout_s)
+
+
+def _run_child(call: Callable[[], None], read_end: int, write_end: int) -> NoReturn:
+    """The child's whole life: it reports one line and ends with os._exit whatever happens.
+    An exception that left this function (EPIPE on the report when the parent is gone, a
+    signal) would unwind into the child's copy of the parent's stack and run the parent's
+    rollback and error path a second time, from a process that owns none of it."""
+    try:
+        ignore_in_child()
         os.close(read_end)
         code, detail = 0, ""
         try:
@@ -76,19 +91,21 @@ def start_child(call: Callable[[], None], timeout_s: float) -> Child:
         except BaseException as error:
             code, detail = errno.EIO, repr(error)
         os.write(write_end, f"{code} {detail}".encode())
+    finally:
         os._exit(0)
-    os.close(write_end)
-    return Child(pid, read_end, started, timeout_s)
 
 
-def wait_first(children: Collection[Child]) -> tuple[Child, ChildResult]:
-    """The first child to answer, or the first to pass its deadline (then abandoned)."""
+def wait_first(
+    children: Collection[Child], kill_abandoned: bool = True
+) -> tuple[Child, ChildResult]:
+    """The first child to answer, or the first to pass its deadline (then abandoned: killed,
+    unless `kill_abandoned` is False for a write that should still land when it can)."""
     by_fd = {child.read_end: child for child in children}
     while True:
         soonest = min(children, key=lambda child: child.deadline)
         remaining = soonest.deadline - time.monotonic()
         if remaining <= 0:
-            return soonest, _abandon(soonest)
+            return soonest, _abandon(soonest, kill_abandoned)
         ready, _, _ = select.select(list(by_fd), [], [], remaining)
         if ready:
             child = by_fd[ready[0]]
@@ -104,9 +121,10 @@ def _collect(child: Child) -> ChildResult:
     return ChildResult(True, code, detail, child.pid, time.monotonic() - child.started)
 
 
-def _abandon(child: Child) -> ChildResult:
+def _abandon(child: Child, kill: bool = True) -> ChildResult:
     # The child may sit in uninterruptible sleep and never die; do not wait for it.
-    os.kill(child.pid, signal.SIGKILL)
+    if kill:
+        os.kill(child.pid, signal.SIGKILL)
     os.close(child.read_end)
     with contextlib.suppress(ChildProcessError):
         os.waitpid(child.pid, os.WNOHANG)

@@ -20,7 +20,7 @@ class ExitCode(IntEnum):
     HUNG = 5  # an unbind or a reset never returned: handing off would hang the machine
     NOT_BACK = 6  # verify: a function is missing, unbound or bound to another driver
     INTERNAL = 70  # an error petitkexec did not expect (EX_SOFTWARE); rolled back if needed
-    INTERRUPTED = 130  # SIGINT/SIGTERM during teardown; rolled back
+    INTERRUPTED = 130  # a stop signal (petitkexec.signals) during the run; rolled back
 
 
 class PetitkexecError(Exception):
@@ -60,14 +60,19 @@ class SnapshotError(PetitkexecError):
 
 
 class RolledBack(PetitkexecError):
-    """An exception after the teardown began; the journal was rolled back before this."""
+    """An exception after the teardown began; the journal was rolled back before this
+    (unless --no-rollback: then `left_as_is` changes were not)."""
 
-    def __init__(self, cause: BaseException, rollback: tuple[Any, ...]) -> None:
+    def __init__(
+        self, cause: BaseException, rollback: tuple[Any, ...], left_as_is: int = 0
+    ) -> None:
         failed = sum(1 for result in rollback if not result.ok)
-        super().__init__(
-            f"{describe_exception(cause)}; rolled back {len(rollback)} changes"
-            + (f" ({failed} failed)" if failed else "")
+        done = (
+            f"not rolled back (--no-rollback): {left_as_is} changes left as they are"
+            if left_as_is
+            else f"rolled back {len(rollback)} changes" + (f" ({failed} failed)" if failed else "")
         )
+        super().__init__(f"{describe_exception(cause)}; {done}")
         self.cause = cause
         self.rollback = rollback  # petitkexec.journal.UndoResult, one per undone change
         if isinstance(cause, PetitkexecError):

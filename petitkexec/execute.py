@@ -4,13 +4,11 @@ side; a report with the wall time and the critical path at the end."""
 from __future__ import annotations
 
 import bisect
+import contextlib
 import dataclasses
-import signal
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from types import FrameType
 
 from petitkexec.busmaster import BusMasterClearer
 from petitkexec.busreset import BusResetter
@@ -20,7 +18,9 @@ from petitkexec.kernel import Kernel
 from petitkexec.model import Topology
 from petitkexec.outcome import Pending, Status, StepOutcome, TeardownReport
 from petitkexec.plan import Action, Plan, Step
+from petitkexec.readback import read_back
 from petitkexec.settings import MAX_AUTO_JOBS, ExecutionOptions
+from petitkexec.signals import StopSignals
 from petitkexec.unbind import Unbinder
 
 OutcomeCallback = Callable[[int, int, StepOutcome], None]
@@ -33,7 +33,13 @@ class Teardown:
     plan: Plan
     options: ExecutionOptions = field(default_factory=ExecutionOptions)
     on_outcome: OutcomeCallback | None = None
-    interrupted_by: str | None = None
+    # Installed for the step loop; a caller (petitkexec.run) installs the same object for the
+    # whole run, handoff and rollback included.
+    signals: StopSignals = field(default_factory=StopSignals)
+
+    @property
+    def interrupted_by(self) -> str | None:
+        return self.signals.first
 
     def __post_init__(self) -> None:
         # A rebind runs probe() as an unbind runs remove(): the same deadline suits both.
@@ -79,33 +85,48 @@ class Teardown:
                 if not waiting_for[dependent]:
                     bisect.insort(ready, dependent)
 
-        with self._signals_stop_the_run():
-            while ready or running:
-                for index in list(ready):
-                    if self._should_stop(outcomes):
-                        break
-                    step = steps[index]
-                    if not self._runs_in_a_child(step):
+        with self.signals.installed():
+            try:
+                while ready or running:
+                    for index in list(ready):
+                        if self._should_stop(outcomes):
+                            break
+                        step = steps[index]
+                        if not self._runs_in_a_child(step):
+                            ready.remove(index)
+                            finish(index, self._timed(step))
+                            continue
+                        if len(running) >= jobs or step.bdf.slot in busy_slots:
+                            continue  # the functions of one device one at a time
                         ready.remove(index)
-                        finish(index, self._timed(step))
-                        continue
-                    if len(running) >= jobs or step.bdf.slot in busy_slots:
-                        continue  # the functions of one device one at a time
-                    ready.remove(index)
-                    started = self._begin(step)
-                    if isinstance(started, StepOutcome):
-                        finish(index, self._with_elapsed(started, time.monotonic()))
-                    else:
-                        running[started.child] = (index, started)
-                        busy_slots.add(step.bdf.slot)
-                if self._should_stop(outcomes):
-                    ready.clear()
-                if running:
-                    child, result = wait_first(running)
-                    index, pending = running.pop(child)
-                    busy_slots.discard(steps[index].bdf.slot)
-                    finish(index, self._with_elapsed(pending.finish(result), pending.began))
-        return self._report(outcomes, time.monotonic() - began)
+                        started = self._begin(step)
+                        if isinstance(started, StepOutcome):
+                            finish(index, self._with_elapsed(started, time.monotonic()))
+                        else:
+                            running[started.child] = (index, started)
+                            busy_slots.add(step.bdf.slot)
+                    if self._should_stop(outcomes):
+                        ready.clear()
+                    if running:
+                        child, result = wait_first(running)
+                        index, pending = running.pop(child)
+                        busy_slots.discard(steps[index].bdf.slot)
+                        finish(index, self._with_elapsed(pending.finish(result), pending.began))
+            except BaseException:
+                self._settle(running)
+                raise
+            return self._report(outcomes, time.monotonic() - began)
+
+    @staticmethod
+    def _settle(running: dict[Child, tuple[int, Pending]]) -> None:
+        """An exception left the loop with unbinds still running: each is waited for up to
+        its deadline and journalled (an abandoned one too, with its child), so the rollback
+        that follows neither races a remove() nor claims a device it cannot restore."""
+        while running:
+            child, result = wait_first(running)
+            _index, pending = running.pop(child)
+            with contextlib.suppress(Exception):  # the error that stopped the loop is reported
+                pending.finish(result)
 
     def _report(self, outcomes: list[StepOutcome], wall_s: float) -> TeardownReport:
         stopped_because = None
@@ -119,8 +140,8 @@ class Teardown:
         elif len(outcomes) < len(self.plan.steps) and self.budget.exhausted:
             stopped_because = f"time limit of {self.options.time_limit_s:g} s reached"
         rollback: tuple[UndoResult, ...] = ()
-        if stopped_because is not None and self.options.rollback:
-            rollback = tuple(self.journal.rollback(self.kernel))
+        if stopped_because is not None:
+            rollback = self.rollback()
         return TeardownReport(
             tuple(outcomes),
             stopped_because,
@@ -148,19 +169,42 @@ class Teardown:
         hung = any(outcome.status is Status.HUNG for outcome in outcomes)
         return hung or self.interrupted_by is not None or self.budget.exhausted
 
-    @contextmanager
-    def _signals_stop_the_run(self) -> Iterator[None]:
-        """SIGINT/SIGTERM: finish the step in flight, issue no more, roll back."""
+    def rollback(self) -> tuple[UndoResult, ...]:
+        """The journal undone, unless --no-rollback: then nothing is, on any path."""
+        if not self.options.rollback:
+            return ()
+        with self.signals.installed():  # a signal now is recorded, never cuts it short
+            return tuple(self.journal.rollback(self.kernel))
 
-        def stop(signum: int, _frame: FrameType | None) -> None:
-            self.interrupted_by = signal.Signals(signum).name
+    def read_back(self, report: TeardownReport) -> TeardownReport:
+        """Right before the handoff: what a late probe or a COMMAND write brought back is a
+        failed step; bus mastering on again that cannot be cleared stops the run
+        (petitkexec.readback)."""
+        if self.options.dry_run or report.stopped_because is not None:
+            return report
+        looked = read_back(self.kernel, self.topology, self.bus_master, report.outcomes)
+        if not looked.came_back:
+            return report
+        if looked.stop_because is None:
+            return dataclasses.replace(report, outcomes=looked.outcomes)
+        return dataclasses.replace(
+            report,
+            outcomes=looked.outcomes,
+            stopped_because=looked.stop_because,
+            rollback=self.rollback(),
+        )
 
-        previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            yield
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
+    def stop_if_signalled(self, report: TeardownReport) -> TeardownReport:
+        """A stop signal that came after the step loop (the read-back, the handoff's
+        preparations): the run is stopped and rolled back as if it came during the loop."""
+        if self.interrupted_by is None or report.interrupted:
+            return report
+        return dataclasses.replace(
+            report,
+            stopped_because=f"interrupted by {self.interrupted_by}",
+            interrupted=True,
+            rollback=report.rollback + self.rollback(),
+        )
 
     def _timed(self, step: Step) -> StepOutcome:
         began = time.monotonic()
@@ -178,7 +222,7 @@ class Teardown:
                 command_after=self.kernel.read_command(step.bdf),
             )
         if step.action is Action.CLEAR_BUS_MASTER:
-            return self.bus_master.clear(step)
+            return self.bus_master.hold_off_probes(self.bus_master.clear(step))
         return self._wait(self._begin(step))
 
     def _wait(self, started: StepOutcome | Pending) -> StepOutcome:

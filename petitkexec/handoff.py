@@ -9,6 +9,7 @@ from __future__ import annotations
 import ctypes
 import os
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -102,13 +103,25 @@ def exec_argv(kexec: str, extra_args: tuple[str, ...] = ()) -> list[str]:
     return [kexec, *extra_args, "-e"]
 
 
-def execute_loaded_kernel(kexec: str | None, extra_args: tuple[str, ...] = ()) -> HandoffResult:
+def execute_loaded_kernel(
+    kexec: str | None,
+    extra_args: tuple[str, ...] = (),
+    go_on: Callable[[], bool] = lambda: True,
+) -> HandoffResult:
     """sync(), then `kexec ARGS -e` (or the reboot syscall). Returns only if the handoff
-    failed."""
+    failed, or was not attempted: `go_on` is asked once the sync, which may take seconds with
+    dirty data, is done (a stop signal came meanwhile)."""
     os.sync()
+    if not go_on():
+        what = ("reboot(LINUX_REBOOT_CMD_KEXEC)",) if kexec is None else (kexec, "-e")
+        return HandoffResult(what, NOT_ATTEMPTED, "not run: a stop signal came during the sync")
     if kexec is None:
         return _reboot_syscall()
     return _run(exec_argv(kexec, extra_args))
+
+
+# What a shell answers for a command killed by SIGINT: the handoff stopped before it began.
+NOT_ATTEMPTED = 130
 
 
 # What a shell answers for a command it cannot execute.

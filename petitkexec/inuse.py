@@ -233,13 +233,31 @@ def _live_update(proc_root: Path, held: list[tuple[str, int, int]]) -> str | Non
         words = (proc_root / "cmdline").read_text().split()
     except OSError:
         words = []
+    # Each occurrence is parsed in turn (parse_early_param), so the last valid one wins.
+    enabled_by: dict[str, str | None] = {}
     for word in words:
         key, _, value = word.partition("=")
-        if key in ("liveupdate", "kho") and value not in ("0", "off", "n", "no"):
-            return f"{word} on the kernel command line"
+        if key in ("liveupdate", "kho") and (on := _kstrtobool(value)) is not None:
+            enabled_by[key] = word if on else None
+    for setting in enabled_by.values():
+        if setting is not None:
+            return f"{setting} on the kernel command line"
     for node, pid, _fd in held:
         if node == LIVEUPDATE_NODE:
             return f"{LIVEUPDATE_NODE} held by pid {pid} {command_of(proc_root, pid)}"
+    return None
+
+
+def _kstrtobool(value: str) -> bool | None:
+    """A boolean parameter as kstrtobool() (lib/kstrtox.c) reads it, which both liveupdate=
+    and kho= use (early_liveupdate_param, kho_parse_enable): y/t/1/on, n/f/0/off by their
+    first letters, any case; None where it answers -EINVAL and leaves the setting as it was
+    (a bare `kho` too)."""
+    first, second = value[:1].lower(), value[1:2].lower()
+    if first in ("y", "t", "1") or (first, second) == ("o", "n"):
+        return True
+    if first in ("n", "f", "0") or (first, second) == ("o", "f"):
+        return False
     return None
 
 

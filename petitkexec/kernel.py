@@ -92,6 +92,17 @@ class Kernel:
     def read_sriov_numvfs(self, bdf: Bdf) -> int | None:
         return parse_count(self.read_attribute(bdf, "sriov_numvfs"))
 
+    def read_sriov_drivers_autoprobe(self, bdf: Bdf) -> bool | None:
+        value = self.read_attribute(bdf, "sriov_drivers_autoprobe")
+        return None if value is None else value == "1"
+
+    def module_parameter(self, module: str, name: str) -> str | None:
+        """A loaded module's parameter (`/sys/module/MODULE/parameters/NAME`), if readable."""
+        try:
+            return (self.root / "module" / module / "parameters" / name).read_text().strip()
+        except OSError:
+            return None
+
     def has_attribute(self, bdf: Bdf, name: str) -> bool:
         return (self.device_dir(bdf) / name).exists()
 
@@ -136,6 +147,9 @@ class Kernel:
     def set_driver_override(self, bdf: Bdf, value: str | None) -> None:
         # An empty write clears the override (driver_override_store()).
         self._write(self.device_dir(bdf) / "driver_override", value or "\n")
+
+    def write_sriov_drivers_autoprobe(self, bdf: Bdf, on: bool) -> None:
+        self._write(self.device_dir(bdf) / "sriov_drivers_autoprobe", "1" if on else "0")
 
     # The calls below block in the kernel (remove(), link training after a reset) and run in
     # a child that may be abandoned at its deadline; see petitkexec.deadline.

@@ -86,8 +86,10 @@ class TeardownReport:
 
     @property
     def handoff_safe(self) -> bool:
-        """A stuck remove() holds the device lock that device_shutdown() at kexec takes too."""
-        return not self.hung and not self.interrupted
+        """A run stopped early never hands off: a stuck remove() holds the device lock that
+        device_shutdown() at kexec takes too, a signal asked to stop, and a time limit left
+        the machine half torn down (and rolled back, unless --no-rollback)."""
+        return self.stopped_because is None
 
     def summary(self) -> dict[str, list[str]]:
         """Per-device results, by what was achieved."""

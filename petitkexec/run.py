@@ -1,7 +1,8 @@
 """One run of a command, without click: discover → plan → (preflight, load) → teardown → hand off.
 
-Once the teardown has begun, nothing leaves this module without the journal rolled back: a
-failed handoff, a signal, a hung step, and any exception at all, ours or not.
+Once the teardown has begun, nothing leaves this module without the journal rolled back (or
+left as it is, with --no-rollback, and said so): a failed handoff, a signal at any point up to
+the handoff, a hung step, and any exception at all, ours or not.
 """
 
 from __future__ import annotations
@@ -69,8 +70,8 @@ def teardown(
     if not prepared.settings.execution.dry_run:
         check_can_tear_down(environment.euid, prepared.plan)
     run = _teardown(environment, prepared, on_outcome)
-    with _rolled_back_on_error(environment, run):
-        return _timed_run(run)
+    with _guarded(run):
+        return run.stop_if_signalled(run.read_back(_timed_run(run)))
 
 
 class Handoff(Enum):
@@ -78,7 +79,7 @@ class Handoff(Enum):
 
     DRY_RUN = "not attempted (dry run)"
     WITHHELD = "not attempted (--strict: a step failed)"
-    UNSAFE = "not attempted (a step hung, or the run was interrupted)"
+    STOPPED = "not attempted (the run was stopped: a step hung, a signal, or the time limit)"
     FAILED = "failed"
 
 
@@ -131,11 +132,13 @@ class ExecResult:
     failure: HandoffResult | None = None
     rollback: tuple[UndoResult, ...] = ()
     watchdog_after: str | None = None  # what became of --watchdog's watchdog after a failure
+    signalled: str | None = None  # a stop signal that came during the handoff
+    left_as_is: int = 0  # changes --no-rollback left in place after the failure
 
     @property
     def exit_code(self) -> ExitCode:
         if self.handoff is Handoff.FAILED:
-            return ExitCode.HANDOFF_FAILED
+            return ExitCode.INTERRUPTED if self.signalled else ExitCode.HANDOFF_FAILED
         return self.report.exit_code
 
 
@@ -178,26 +181,39 @@ def exec_(
                 hint="nothing was touched; " + " ".join(failure.command),
             )
     run = _teardown(environment, prepared, on_outcome)
-    with _rolled_back_on_error(environment, run):
+    with _guarded(run):
         report = _timed_run(run)
         command = request.describe()
         if dry_run:
             return ExecResult(report, Handoff.DRY_RUN, command)
+        report = run.stop_if_signalled(run.read_back(report))
         if not report.handoff_safe:
-            return ExecResult(report, Handoff.UNSAFE, command)
+            return ExecResult(report, Handoff.STOPPED, command)
         if request.strict and report.failed:
             return ExecResult(report, Handoff.WITHHELD, command)
         if on_handing_off is not None:
             on_handing_off(report, command)
         if request.watchdog is not None:
             arm(request.watchdog.watchdog, request.watchdog.timeout_s)
-        failure = execute_loaded_kernel(request.binary, request.kexec_args)
-        # Still here: kexec refused. Put the devices back so a bootloader menu or shell works.
-        rollback = tuple(run.journal.rollback(environment.kernel()))
+        failure = execute_loaded_kernel(
+            request.binary, request.kexec_args, go_on=lambda: run.interrupted_by is None
+        )
+        # Still here: kexec refused, or a stop signal came before it ran. Put the devices back
+        # (unless --no-rollback) so a bootloader menu or shell works.
+        rollback = run.rollback()
         watchdog_after = None
         if request.watchdog is not None:
             watchdog_after = _disarm(request.watchdog.watchdog)
-        return ExecResult(report, Handoff.FAILED, command, failure, rollback, watchdog_after)
+        return ExecResult(
+            report,
+            Handoff.FAILED,
+            command,
+            failure,
+            rollback,
+            watchdog_after,
+            signalled=run.interrupted_by,
+            left_as_is=len(run.journal.entries),
+        )
 
 
 def _disarm(watchdog: Watchdog) -> str:
@@ -241,13 +257,15 @@ def _timed_run(run: Teardown) -> TeardownReport:
 
 
 @contextmanager
-def _rolled_back_on_error(environment: Environment, run: Teardown) -> Iterator[None]:
-    """Any exception once the teardown has begun: roll back what the journal holds, then
-    report both (a machine must never be left torn down without a rollback attempt)."""
-    try:
-        yield
-    except BaseException as error:
-        if isinstance(error, GeneratorExit):
-            raise
-        rollback = tuple(run.journal.rollback(environment.kernel()))
-        raise RolledBack(error, rollback) from error
+def _guarded(run: Teardown) -> Iterator[None]:
+    """From the first write to the end of the handoff or rollback: stop signals are recorded
+    (petitkexec.signals), and any exception rolls the journal back (unless --no-rollback)
+    before it is reported with the rollback's results."""
+    with run.signals.installed():
+        try:
+            yield
+        except BaseException as error:
+            if isinstance(error, GeneratorExit):
+                raise
+            left = 0 if run.options.rollback else len(run.journal.entries)
+            raise RolledBack(error, run.rollback(), left_as_is=left) from error

@@ -29,6 +29,7 @@ DEFAULT_CONFIG_PATH = Path("/etc/petitkexec.toml")
 class Scope(Enum):
     PLAN = "plan"  # every command that plans: plan, teardown, exec
     EXECUTE = "execute"  # only the commands that carry a plan out: teardown, exec
+    REPORT = "report"  # where a result goes besides stdout: verify
 
 
 Parser = Callable[[Any, str], Any]  # (raw value, where it came from) -> value, or UsageError
@@ -99,6 +100,19 @@ def _number(value: Any, where: str, whole: bool, minimum: float, unit: str) -> f
 
 def _seconds(value: Any, where: str) -> float:
     return _number(value, where, False, 0.1, "a number of seconds")
+
+
+def _textfile(value: Any, where: str) -> Path:
+    """A node_exporter textfile: a .prom file (the only ones it reads) in a directory that
+    exists (the file is written next to it under another name, then renamed)."""
+    if not isinstance(value, str) or not value:
+        raise UsageError(where, value, "must be a file name")
+    path = Path(value)
+    if path.suffix != ".prom":
+        raise UsageError(where, value, "must end in .prom (node_exporter reads only those)")
+    if not path.parent.is_dir():
+        raise UsageError(where, value, "is in a directory that does not exist")
+    return path
 
 
 def _count(value: Any, where: str) -> int:
@@ -229,6 +243,14 @@ SETTINGS = (
         flag=True,
     ),
     Setting(
+        "metrics",
+        "--metrics",
+        "Also write the result for node_exporter's textfile collector to FILE (.prom), atomically.",
+        _textfile,
+        Scope.REPORT,
+        metavar="FILE",
+    ),
+    Setting(
         "dry_run",
         "--dry-run",
         "Print what would run; change nothing.",
@@ -259,6 +281,7 @@ class Settings:
 
     policy: Policy = field(default_factory=Policy)
     execution: ExecutionOptions = field(default_factory=ExecutionOptions)
+    metrics: Path | None = None  # node_exporter textfile to write the result to
 
 
 def resolve(
@@ -303,6 +326,7 @@ def resolve(
             raw_sbr=values["raw_sbr"],
             dry_run=values["dry_run"],
         ),
+        values["metrics"],
     )
 
 

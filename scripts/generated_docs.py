@@ -146,7 +146,11 @@ def settings_table() -> str:
     for setting in SETTINGS:
         option = setting.option + (f" {setting.metavar}" if setting.metavar else "")
         key = f"`{setting.config_key}`" if setting.config_key else "(command line only)"
-        commands = "plan, teardown, exec" if setting.scope is Scope.PLAN else "teardown, exec"
+        commands = {
+            Scope.PLAN: "plan, teardown, exec",
+            Scope.EXECUTE: "teardown, exec",
+            Scope.REPORT: "verify, teardown, exec",
+        }[setting.scope]
         what = re.sub(r"\s*\[default: [^]]+\]", "", setting.help)
         rows.append(f"| `{option}` | {key} | {commands} | {_default(setting)} | {what} |")
     return "\n".join(rows) + "\n"

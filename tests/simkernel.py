@@ -27,6 +27,7 @@ that does not go down. All state lives in files, because unbind runs in a forked
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import os
@@ -79,6 +80,9 @@ class SimFunction:
     probe_defers: bool = False  # probe() answers -EPROBE_DEFER until fire_deferred_probes()
     remove_seconds: float = 0.0  # how long remove() takes (NVMe shutdown, NIC firmware)
     reset_seconds: float = 0.0  # how long a secondary bus reset below this bridge takes
+    # A VF recreated through sriov_numvfs with its PF's sriov_drivers_autoprobe on is probed
+    # by the first matching driver (the PF's VF driver), not necessarily the one it had.
+    autoprobe_driver: str | None = None
 
     @property
     def address(self) -> Bdf:
@@ -360,21 +364,33 @@ class SimKernel:
 
     # -- what happens without a write: probes that come late ---------------------------------
 
+    def probe_under_way(self, bdf: str, driver: str) -> None:
+        """A probe that had matched (pci_match_device()) before driver_override was written,
+        finishing now: driver_override no longer stops it."""
+        with self._device_lock(bdf):
+            self._probe(bdf, driver)
+
     def late_probe(self, bdf: str, driver: str | None = None) -> str | None:
         """A probe the test process did not ask for (udev after an unbind, a deferred or
         asynchronous probe, a module load): binds the function's driver, or the one its
         driver_override names, unless the override is `none` (pci_match_device()).
         Returns the driver bound, if any."""
-        if not self.exists(bdf) or self.driver_of(bdf) is not None:
+        function = self.by_bdf[bdf]
+        if function.probe_hangs or self._defers(bdf):
             return None
-        function, override = self.by_bdf[bdf], self.attribute(bdf, "driver_override")
-        wanted = driver or function.driver
-        if override != "(null)":  # the override decides which driver may bind, if any
-            wanted = override if driver in (None, override) else None
-        if wanted in (None, "none") or function.probe_hangs or self._defers(bdf):
-            return None
-        assert wanted is not None
+        # __device_attach() holds device_lock while pci_match_device() reads driver_override:
+        # an override write (driver_set_override(), under the same lock) is either wholly
+        # before the match or wholly after it, never read half written.
         with self._device_lock(bdf):
+            if not self.exists(bdf) or self.driver_of(bdf) is not None:
+                return None
+            override = self.attribute(bdf, "driver_override")
+            wanted = driver or function.driver
+            if override != "(null)":  # the override decides which driver may bind, if any
+                wanted = override if driver in (None, override) else None
+            if wanted in (None, "none"):
+                return None
+            assert wanted is not None
             self._probe(bdf, wanted)
         self._log_event(bdf, f"probed {wanted}")
         return wanted
@@ -494,6 +510,15 @@ class SimKernel:
         override = self.attribute(bdf, "driver_override")
         if override not in ("(null)", driver):
             raise OSError(errno.ENODEV, "No such device")  # driver_match_device() failed
+        physfn = self.by_bdf[bdf].physfn
+        if (
+            physfn
+            and override == "(null)"
+            and self.attribute(physfn, "sriov_drivers_autoprobe") == "0"
+        ):
+            # pci_device_can_probe(): a VF without driver_override probes only while its
+            # PF's sriov_drivers_autoprobe is on.
+            raise OSError(errno.ENODEV, "No such device")
         with self._device_lock(bdf):
             if self.driver_of(bdf) is not None:
                 raise OSError(errno.EBUSY, "Device or resource busy")  # __driver_probe_device()
@@ -514,7 +539,11 @@ class SimKernel:
         self, bdf: str, text: str, _data: bytes, _offset: int | None
     ) -> None:
         with self._device_lock(bdf):  # driver_set_override()
-            (self.device_dir(bdf) / "driver_override").write_text((text or "(null)") + "\n")
+            # Replaced whole, as the kernel swaps the string: a reader never sees it empty.
+            attribute = self.device_dir(bdf) / "driver_override"
+            staged = attribute.with_name(".driver_override.new")
+            staged.write_text((text or "(null)") + "\n")
+            os.replace(staged, attribute)
 
     def _write_config(self, bdf: str, _text: str, data: bytes, offset: int | None) -> None:
         if self.lockdown in ("integrity", "confidentiality"):
@@ -593,7 +622,9 @@ class SimKernel:
             probe = self.attribute(bdf, "sriov_drivers_autoprobe") == "1"
             for vf in vfs[:wanted]:
                 if not self.exists(vf.bdf):
-                    self._build(vf, probe=probe)
+                    # pci_iov_add_virtfn(): the first driver that matches probes it.
+                    autoprobed = vf.autoprobe_driver or vf.driver
+                    self._build(dataclasses.replace(vf, driver=autoprobed), probe=probe)
             (self.device_dir(bdf) / "sriov_numvfs").write_text(f"{wanted}\n")
 
     def _write_reset_method(self, bdf: str, text: str, _data: bytes, _offset: int | None) -> None:

@@ -70,6 +70,17 @@ def test_config_file_excludes_like_the_option(make_sim: SimFactory, tmp_path: Pa
     assert "reset-bus (bridge, --hot-reset)" in result.stdout
 
 
+def test_a_snapshot_that_cannot_be_written_is_a_usage_error_naming_the_file(
+    make_sim: SimFactory, tmp_path: Path
+) -> None:
+    """The Ansible role met this: `snapshot -o` into a directory not made yet."""
+    output = tmp_path / "not-made-yet" / "before.json"
+    result = invoke(environment(make_sim(), tmp_path), "snapshot", "-o", str(output))
+    assert result.exit_code == ExitCode.USAGE, result.stderr
+    assert f"--output: '{output}' cannot be written (No such file or directory)" in result.stderr
+    assert "bug" not in result.stderr
+
+
 def test_snapshot_then_plan_from_it_gives_the_same_plan(
     make_sim: SimFactory, tmp_path: Path
 ) -> None:

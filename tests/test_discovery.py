@@ -16,6 +16,7 @@ import pytest
 from petitkexec.bdf import Bdf
 from petitkexec.model import Topology
 from petitkexec.snapshot import snapshot_from_json
+from tests.ci import in_ci
 from tests.conftest import SimFactory
 from tests.simkernel import SimFunction
 
@@ -24,7 +25,7 @@ PRELOAD = "libumockdev-preload.so.0"
 
 pytestmark = pytest.mark.umockdev
 
-if shutil.which("umockdev-run") is None and os.environ.get("CI") != "true":
+if shutil.which("umockdev-run") is None and not in_ci():
     pytest.skip("umockdev is not installed (apt-get install umockdev)", allow_module_level=True)
 
 SNAPSHOT = [sys.executable, "-m", "petitkexec", "snapshot"]
@@ -37,16 +38,24 @@ def snapshot_under_testbed(testbed: Path) -> Topology:
     return snapshot_from_json(json.loads(done.stdout))[0]
 
 
-def replay(recording: Path, command: list[str]) -> subprocess.CompletedProcess[str]:
+def replay(
+    recording: Path, command: list[str], without_unbind: frozenset[str] = frozenset()
+) -> subprocess.CompletedProcess[str]:
     """Run `command` under umockdev-run with a recorded machine in place of /sys.
 
-    umockdev records devices, not /sys/bus/pci/drivers/*: the driver directories (with the
-    `unbind` file every driver without suppress_bind_attrs has) are put back first.
+    umockdev records devices, not /sys/bus/pci/drivers/*: the driver directories are put back
+    first, with the `unbind` file the kernel gives every driver except those in
+    `without_unbind` (drivers that set suppress_bind_attrs get no bind/unbind files:
+    bus_add_driver() skips add_bind_files()).
     """
     drivers = sorted(set(re.findall(r"^E: DRIVER=(\S+)$", recording.read_text(), re.M)))
     make_drivers = " ".join(
-        f'mkdir -p "$UMOCKDEV_DIR/sys/bus/pci/drivers/{name}" && '
-        f'touch "$UMOCKDEV_DIR/sys/bus/pci/drivers/{name}/unbind" &&'
+        f'mkdir -p "$UMOCKDEV_DIR/sys/bus/pci/drivers/{name}" &&'
+        + (
+            ""
+            if name in without_unbind
+            else f' touch "$UMOCKDEV_DIR/sys/bus/pci/drivers/{name}/unbind" &&'
+        )
         for name in drivers
     )
     script = f'{make_drivers} exec "$@"'
@@ -170,3 +179,24 @@ def test_replayed_q35_guest_with_sriov_plans_the_vfs_before_their_pf() -> None:
         Bdf.parse("0000:01:00.1"),
         Bdf.parse("0000:01:00.2"),
     )
+
+
+def test_replayed_guest_functions_whose_driver_has_no_unbind_get_bus_master_cleared() -> None:
+    # No driver in the recorded guests sets suppress_bind_attrs, so e1000e is replayed as
+    # one that does: its functions' recorded COMMAND decides between clear and skip.
+    done = replay(
+        RECORDINGS / "q35-guest.umockdev",
+        [sys.executable, "-m", "petitkexec", "plan", "--json"],
+        without_unbind=frozenset({"e1000e"}),
+    )
+    steps = {
+        step["bdf"]: (step["action"], step["reason"]) for step in json.loads(done.stdout)["steps"]
+    }
+    for nic in ("0000:02:00.0", "0000:07:00.0"):
+        assert steps[nic] == ("clear-bus-master", "e1000e cannot be unbound, BME on")
+    assert steps["0000:06:01.0"] == ("unbind", "e1000, has unbind")
+    done = replay(RECORDINGS / "q35-guest.umockdev", SNAPSHOT, frozenset({"e1000e"}))
+    topology, _facts = snapshot_from_json(json.loads(done.stdout))
+    assert not topology[Bdf.parse("0000:02:00.0")].driver_can_unbind
+    assert topology[Bdf.parse("0000:02:00.0")].driver == "e1000e"
+    assert topology[Bdf.parse("0000:06:01.0")].driver_can_unbind

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 from collections.abc import Callable
@@ -9,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from petitkexec.blockdev import resolve_link
+from petitkexec.bdf import Bdf
+from petitkexec.blockdev import functions_behind_block_device, resolve_link
 from petitkexec.errors import PreflightRefused
 from petitkexec.facts import Mount, gather_facts, read_kexec_loaded, read_lockdown, read_mounts
 
@@ -349,9 +351,37 @@ def test_a_sysfs_link_resolves_with_readlink_as_realpath_does(tmp_path: Path) ->
     (block / "7:2").symlink_to("7:2")
     for path in (block / "259:0", block / "7:0", disk):
         assert resolve_link(path) == os.path.realpath(path, strict=True) == str(disk)
-    for path in (block / "7:1", block / "7:2", block / "8:0"):
-        with pytest.raises(OSError):
-            resolve_link(path)
+    with pytest.raises(FileNotFoundError):
+        resolve_link(block / "7:1")  # its target is gone
+    with pytest.raises(FileNotFoundError):
+        resolve_link(block / "8:0")
+    with pytest.raises(OSError) as raised:
+        resolve_link(block / "7:2")  # a link to itself: the kernel's ELOOP, naming the path
+    error = raised.value
+    assert (error.errno, error.strerror, error.filename) == (
+        errno.ELOOP,
+        os.strerror(errno.ELOOP),
+        str(block / "7:2"),
+    )
+
+
+def test_a_block_device_walk_goes_on_past_a_dead_link_a_device_seen_twice_and_a_loop(
+    machine: FakeMachine,
+) -> None:
+    # Lower devices are walked last listed first: multipath/ entries before slaves/, so the
+    # dead link and the second path to sda come while slaves/sdb is still waiting.
+    sda = machine.block("pci0000:00/0000:00:1f.2/ata1/host0/block/sda", "8:0")
+    sdb = machine.block("pci0000:00/0000:00:1c.0/0000:02:00.0/host1/block/sdb", "8:16")
+    md = machine.block("virtual/block/md0", "9:0")
+    machine.link(md / "slaves" / "sdb", sdb)
+    machine.link(md / "multipath" / "a", sda)
+    machine.link(md / "multipath" / "b", sda)
+    (md / "multipath" / "c").symlink_to("../../gone")
+    machine.link(md / "multipath" / "md0", md)  # a loop must not walk forever
+    assert functions_behind_block_device(machine.sys, (9, 0)) == {
+        Bdf.parse("0000:00:1f.2"),
+        Bdf.parse("0000:02:00.0"),
+    }
 
 
 # --- in a chroot: the mount holding / is outside it ------------------------------------------

@@ -4,18 +4,21 @@ processes hold file descriptors (symbolic links named as the kernel shows them).
 from __future__ import annotations
 
 import os
+import struct
 from pathlib import Path
 
 import pytest
 
 import petitkexec.run
+import petitkexec.watchdog
 from petitkexec.bdf import Bdf
 from petitkexec.errors import ExitCode
 from petitkexec.facts import gather_facts
-from petitkexec.inuse import functions_in_use
+from petitkexec.inuse import device_nodes, functions_in_use
 from petitkexec.model import Topology
 from petitkexec.plan import Action, build_plan
-from petitkexec.watchdog import Watchdog, watchdogs, why_it_stops
+from petitkexec.storage import Backing
+from petitkexec.watchdog import Watchdog, arm, disarm, watchdogs, why_it_stops
 from tests.builders import bridge, endpoint, policy_of
 from tests.clirun import environment, fake_kexec, invoke
 from tests.conftest import SimFactory, q35_like
@@ -80,6 +83,88 @@ def test_a_disk_open_for_writing_is_in_use_but_not_one_open_for_reading(
     assert [str(use) for use in uses] == ["in use: /dev/nvme0n1 by pid 10 dd"]
 
 
+def test_a_gpu_or_vfio_node_open_only_for_reading_is_in_use(machine: FakeMachine) -> None:
+    # Unlike a disk, a character device is in use whatever its access mode: NVIDIA's remove()
+    # waits for every open of /dev/nvidiaN (nvidia-smi opens it O_RDONLY), and vfio-pci's
+    # remove() waits until the group's fd is closed, however it was opened.
+    gpus = machine.proc / "driver" / "nvidia" / "gpus" / GPU
+    gpus.mkdir(parents=True)
+    (gpus / "information").write_text("Device Minor: 0\n")
+    device_node(machine, "char", "511:3", "virtual/vfio/3", "vfio/3")
+    machine.link(
+        machine.sys / "kernel" / "iommu_groups" / "3" / "devices" / "0000:06:00.0",
+        machine.directory("pci0000:00/0000:00:05.0/0000:06:00.0"),
+    )
+    process(machine, 50, "nvidia-smi", {3: ("/dev/nvidia0", 0o100000)})  # O_RDONLY|O_LARGEFILE
+    process(machine, 51, "qemu", {7: ("/dev/vfio/3", 0o2000000)})  # O_RDONLY | O_CLOEXEC
+    uses = {str(use.bdf): str(use) for use in functions_in_use(machine.sys, machine.proc)}
+    assert uses == {
+        GPU: "in use: /dev/nvidia0 by pid 50 nvidia-smi",
+        "0000:06:00.0": "in use: /dev/vfio/3 by pid 51 qemu",
+    }
+
+
+def test_device_nodes_are_the_pci_ones_past_entries_that_cannot_be_read(
+    machine: FakeMachine,
+) -> None:
+    # Unreadable entries come first and last in creation order, whatever order the
+    # directory lists them in, one of them comes before a good one.
+    broken = machine.directory(f"pci0000:00/{NVME}/nvme/nvme9")  # no uevent
+    machine.link(machine.sys / "dev" / "char" / "240:9", broken)
+    (machine.sys / "dev" / "block").mkdir(parents=True)
+    (machine.sys / "dev" / "block" / "8:x").symlink_to("../../devices/pci0000:00/" + NVME)
+    for gpu in ("0000:40:00.0", "not-a-bdf"):
+        (machine.proc / "driver" / "nvidia" / "gpus" / gpu).mkdir(parents=True)  # no information
+    device_node(machine, "char", "240:0", f"pci0000:00/0000:00:1c.0/{NVME}/nvme/nvme0", "nvme0")
+    device_node(machine, "char", "4:1", "virtual/tty/tty1", "tty1")  # no PCI function
+    device_node(
+        machine, "block", "259:0", f"pci0000:00/0000:00:1c.0/{NVME}/nvme/nvme0/nvme0n1", "nvme0n1"
+    )
+    gpus = machine.proc / "driver" / "nvidia" / "gpus" / GPU
+    gpus.mkdir(parents=True)
+    (gpus / "information").write_text("Device Minor: 1\n")
+    device_node(machine, "char", "226:0", f"pci0000:00/{GPU}/drm/card0", "dri/card0")
+    late = machine.directory(f"pci0000:00/{GPU}/drm/card9")  # no uevent, created last
+    machine.link(machine.sys / "dev" / "char" / "226:9", late)
+    (machine.proc / "driver" / "nvidia" / "gpus" / "0000:42:00.0").mkdir()
+    nvme, gpu = (Backing(Bdf.parse(NVME)),), (Backing(Bdf.parse(GPU)),)
+    assert device_nodes(machine.sys, machine.proc) == {
+        "/dev/nvme0": (False, nvme),
+        "/dev/nvme0n1": (True, nvme),
+        "/dev/dri/card0": (False, gpu),
+        "/dev/nvidia1": (False, gpu),
+    }
+
+
+def test_a_disk_whose_open_flags_cannot_be_read_counts_as_open_for_writing(
+    machine: FakeMachine,
+) -> None:
+    device_node(
+        machine, "block", "259:0", f"pci0000:00/0000:00:1c.0/{NVME}/nvme/nvme0/nvme0n1", "nvme0n1"
+    )
+    process(machine, 10, "", {3: ("/dev/nvme0n1", 0o100000)})  # O_RDONLY, comm empty
+    (machine.proc / "10" / "fdinfo" / "3").unlink()  # closed and reopened, or not ours to read
+    # The flags are octal: 010 is read-only (O_APPEND on sparc), though 10 & 3 would not be.
+    process(machine, 11, "blkid", {3: ("/dev/nvme0n1", 0o10)})
+    process(machine, 12, "gone", {4: ("/dev/nvme0n1", 0o1)})
+    (machine.proc / "12" / "comm").unlink()  # exited meanwhile
+    uses = [str(use) for use in functions_in_use(machine.sys, machine.proc)]
+    assert sorted(uses) == ["in use: /dev/nvme0n1 by pid 10 ?", "in use: /dev/nvme0n1 by pid 12 ?"]
+
+
+def test_the_live_update_agent_may_hold_a_gpu_too(machine: FakeMachine) -> None:
+    gpus = machine.proc / "driver" / "nvidia" / "gpus" / GPU
+    gpus.mkdir(parents=True)
+    (gpus / "information").write_text("Device Minor: 0\n")
+    fds = {fd: ("/dev/liveupdate", 0o2) for fd in range(3, 9)} | {9: ("/dev/nvidia0", 0o2)}
+    process(machine, 1, "luod", fds)
+    for pid in range(2, 8):
+        process(machine, pid, "luo-client", {3: ("/dev/liveupdate", 0o2)})
+    process(machine, 8, "python3", {3: ("/dev/nvidia0", 0o2)})
+    uses = sorted(str(use) for use in functions_in_use(machine.sys, machine.proc))
+    assert uses == ["in use: /dev/nvidia0 by pid 1 luod", "in use: /dev/nvidia0 by pid 8 python3"]
+
+
 def test_an_nvme_multipath_namespace_open_for_writing_is_its_controllers_function(
     machine: FakeMachine,
 ) -> None:
@@ -135,6 +220,46 @@ def test_live_update_protects_every_vfio_pci_function_and_asks_for_kexec_s(
         "command line)"
     }
     assert facts.needs_file_load
+
+
+@pytest.mark.parametrize(
+    ("cmdline", "why"),
+    [
+        ("kho=on", "kho=on"),
+        ("kho=1", "kho=1"),
+        ("liveupdate=Y", "liveupdate=Y"),
+        ("kho=true", "kho=true"),
+        ("kho=on=1", "kho=on=1"),  # the value is all after the first '=' (next_arg)
+        ("kho=0", None),
+        ("kho=off", None),
+        ("kho=n", None),
+        ("kho=no", None),
+        ("kho=N", None),
+        ("kho=NO", None),
+        ("kho=OFF", None),
+        ("kho=false", None),
+        ("kho", None),  # kstrtobool(NULL): -EINVAL, left off
+        ("kho=maybe", None),  # -EINVAL: left as it was, off
+        ("kho=1 kho=0", None),  # every occurrence is parsed: the last one wins
+        ("kho=1 kho=no", None),
+        ("kho=1 kho=N", None),
+        ("kho=1 kho=false", None),
+        ("kho=1 kho=F", None),
+        ("kho=1 kho=off", None),
+        ("kho=1 kho=OFF", None),
+        ("kho=0 kho=yes", "kho=yes"),
+        ("kho=1 kho=maybe", "kho=1"),  # an invalid one changes nothing
+        ("liveupdate=0 kho=1", "kho=1"),
+        ("kexec_kho=1 nokho=1", None),
+    ],
+)
+def test_live_update_on_the_command_line_is_read_as_the_kernel_reads_it(
+    machine: FakeMachine, cmdline: str, why: str | None
+) -> None:
+    # Both early_param handlers are kstrtobool() (kho_parse_enable, early_liveupdate_param).
+    (machine.proc / "cmdline").write_text(f"root=/dev/sda1 {cmdline} quiet\n")
+    expected = None if why is None else f"{why} on the kernel command line"
+    assert gather_facts(machine.sys, machine.proc).live_update == expected
 
 
 def test_live_update_is_also_the_agent_holding_dev_liveupdate(machine: FakeMachine) -> None:
@@ -249,6 +374,71 @@ def test_whether_the_running_kernel_stops_a_watchdog_before_the_next_kernel(
     assert why == refusal if refusal is None else (why or "").startswith(refusal), why
 
 
+@pytest.mark.parametrize("bound", [[], ["0000:00:0b.0", "0000:00:0c.0"]])
+def test_an_identity_naming_no_single_bound_function_gives_no_function(
+    machine: FakeMachine, bound: list[str]
+) -> None:
+    # Which of two functions a parentless watchdog belongs to cannot be told: none is
+    # claimed (and protected) rather than a guess.
+    drivers = machine.sys / "bus" / "pci" / "drivers" / ESB_DRIVER
+    drivers.mkdir(parents=True)
+    for bdf in bound:
+        machine.link(drivers / bdf, machine.directory(f"pci0000:00/{bdf}"))
+    real = machine.directory("virtual/watchdog/watchdog0")
+    machine.link(machine.sys / "class" / "watchdog" / "watchdog0", real)
+    (real / "state").write_text("active\n")
+    (real / "identity").write_text(ESB_DRIVER + "\n")
+    assert list(watchdogs(machine.sys)) == [
+        Watchdog("watchdog0", None, None, True, identity=ESB_DRIVER)
+    ]
+
+
+def test_arming_sets_the_timeout_pings_and_closes_without_the_magic_v(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The ioctls of include/uapi/linux/watchdog.h on /dev/watchdogN (a file here: the
+    ioctls are recorded, not made)."""
+    calls: list[tuple[str, object]] = []
+    node = tmp_path / "watchdog1"
+    node.write_bytes(b"")
+    real_open = os.open
+
+    opened: list[int] = []
+
+    def open_(path: str, flags: int) -> int:
+        calls.append(("open", (path, flags)))
+        opened.append(real_open(node, flags))
+        return opened[-1]
+
+    def ioctl(fd: int, request: int, arg: bytes) -> None:
+        assert fd == opened[-1]  # on the watchdog's own descriptor
+        calls.append((hex(request), arg))
+
+    monkeypatch.setattr(petitkexec.watchdog.os, "open", open_)
+    monkeypatch.setattr(petitkexec.watchdog.fcntl, "ioctl", ioctl)
+    closed: list[int] = []
+    real_close = os.close
+
+    def close(fd: int) -> None:
+        closed.append(fd)
+        real_close(fd)
+
+    monkeypatch.setattr(petitkexec.watchdog.os, "close", close)
+    watchdog = Watchdog("watchdog1", None, None, False)
+    arm(watchdog, 45)
+    assert calls == [
+        ("open", ("/dev/watchdog1", os.O_WRONLY | os.O_CLOEXEC)),
+        ("0xc0045706", struct.pack("i", 45)),  # WDIOC_SETTIMEOUT
+        ("0x80045705", struct.pack("i", 0)),  # WDIOC_KEEPALIVE
+    ]
+    assert node.read_bytes() == b""  # no magic close: it keeps running
+    calls.clear()
+    disarm(watchdog)
+    assert calls == [("open", ("/dev/watchdog1", os.O_WRONLY | os.O_CLOEXEC))]
+    assert node.read_bytes() == b"V"  # the magic close stops it
+    assert closed == opened and len(closed) == 2
+
+
 def sim_watchdog(sim: SimKernel, bdf: str, stop_on_reboot_parameter: str) -> None:
     real = sim.device_dir(bdf).resolve() / "watchdog" / "watchdog0"
     real.mkdir(parents=True)
@@ -303,13 +493,29 @@ def test_watchdog_is_armed_right_before_the_handoff_and_its_device_left_alone(
 ) -> None:
     sim = make_sim([*q35_like(), *WATCHDOG_MACHINE])
     sim_watchdog(sim, "0000:00:0b.0", "0")
-    events: list[str] = []
-    monkeypatch.setattr(petitkexec.run, "arm", lambda w, s: events.append(f"arm {w.name} {s}"))
-    monkeypatch.setattr(petitkexec.run, "disarm", lambda w: events.append(f"disarm {w.name}"))
+    # The stand-ins note how far the sim's writes log had got: /dev/watchdog0 is no sysfs file.
+    events: list[tuple[str, int]] = []
+    monkeypatch.setattr(
+        petitkexec.run, "arm", lambda w, s: events.append((f"arm {w.name} {s}", len(sim.writes())))
+    )
+    monkeypatch.setattr(
+        petitkexec.run, "disarm", lambda w: events.append((f"disarm {w.name}", len(sim.writes())))
+    )
     kexec = str(fake_kexec(tmp_path, sim))
     result = invoke(environment(sim, tmp_path), "exec", "--watchdog", "30", "--kexec", kexec)
     assert result.exit_code == ExitCode.HANDOFF_FAILED  # the stand-in kexec returns
-    assert events == ["arm watchdog0 30", "disarm watchdog0"]
+    writes = [w["path"] for w in sim.writes()]
+    assert [name for name, _ in events] == ["arm watchdog0 30", "disarm watchdog0"]
+    (_, armed_at), (_, disarmed_at) = events
+    # Armed after the teardown's last write (a watchdog running during a slow teardown could
+    # reset the machine half torn down) and before the rollback's first: right before kexec.
+    teardown, rollback = writes[:armed_at], writes[armed_at:]
+    assert [p for p in writes if p.endswith("/unbind")] == [
+        p for p in teardown if p.endswith("/unbind")
+    ]
+    assert not any(p.endswith("/bind") for p in teardown)
+    assert rollback and rollback[0].endswith(("/bind", "/driver_override", "/config"))
+    assert disarmed_at == len(writes)  # stopped again once the rollback is done
     assert "held: watchdog0 armed for the handoff by --watchdog" in result.stderr
     assert "watchdog: watchdog0 stopped again" in result.stderr
     assert not any("0000:00:0b.0" in w["path"] for w in sim.writes())

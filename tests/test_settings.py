@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -98,7 +99,8 @@ def test_an_unknown_config_key_is_an_error_naming_file_and_key(tmp_path: Path) -
         load_config(path)
     message = str(raised.value)
     assert message.startswith(f"--config: {str(path)!r} has unknown key 'exlude'")
-    assert "exclude" in message.split("known:")[1]
+    assert message.endswith("; known: " + ", ".join(sorted(CONFIG_KEYS)))
+    assert "exclude" in CONFIG_KEYS
     assert raised.value.exit_code is ExitCode.USAGE
 
 
@@ -132,7 +134,7 @@ def test_a_missing_default_config_file_is_an_empty_config(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(settings_module, "DEFAULT_CONFIG_PATH", tmp_path / "absent.toml")
-    assert load_config(None)[0] == {}
+    assert load_config(None) == ({}, str(tmp_path / "absent.toml"))
 
 
 def test_errors_in_the_default_config_file_name_that_file(
@@ -144,6 +146,87 @@ def test_errors_in_the_default_config_file_name_that_file(
         load_config(None)
     assert raised.value.option == str(path)
     assert str(raised.value).startswith(f"{path}: {str(path)!r} has unknown key 'bogus'")
+
+
+# --- who may have written it (run as root, its `unprotect` decides what is torn down) ---------
+
+
+def owned_by(monkeypatch: pytest.MonkeyPatch, uid: int) -> None:
+    """The config file's owner as fstat() reports it, whoever runs the test: the check reads
+    the owner and mode from the open file, and chown needs root."""
+    real_fstat = os.fstat
+
+    def fstat(fd: int) -> os.stat_result:
+        status = list(real_fstat(fd))
+        status[4] = uid  # st_uid
+        return os.stat_result(status)
+
+    monkeypatch.setattr(settings_module.os, "fstat", fstat)
+
+
+@pytest.mark.parametrize(
+    ("uid", "mode"),
+    [
+        (0, 0o620),  # group-writable
+        (0, 0o602),  # other-writable
+        (0, 0o666),
+        (0, 0o660),
+        (1000, 0o644),  # a user's own file
+        (1000, 0o600),
+    ],
+    ids=[
+        "group-writable",
+        "other-writable",
+        "world-writable",
+        "group-rw",
+        "user-0644",
+        "user-0600",
+    ],
+)
+def test_root_refuses_a_config_file_someone_else_could_write(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, uid: int, mode: int
+) -> None:
+    path = write(tmp_path / "c.toml", 'unprotect = ["nvme"]\n')
+    path.chmod(mode)
+    owned_by(monkeypatch, uid)
+    with pytest.raises(UsageError) as raised:
+        load_config(path, euid=0)
+    assert str(raised.value) == (
+        f"--config: {str(path)!r} may be written by others than root (owner uid {uid}, mode "
+        f"{mode:04o}): refused; chown root and chmod go-w"
+    )
+
+
+@pytest.mark.parametrize("mode", [0o644, 0o600, 0o400, 0o755], ids=oct)
+def test_root_reads_a_config_file_only_root_can_write(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mode: int
+) -> None:
+    path = write(tmp_path / "c.toml", 'unprotect = ["nvme"]\n')
+    path.chmod(mode)
+    owned_by(monkeypatch, 0)
+    assert load_config(path, euid=0) == ({"unprotect": ["nvme"]}, str(path))
+
+
+def test_the_default_config_file_refused_is_named_as_the_option(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = write(tmp_path / "petitkexec.toml", "")
+    path.chmod(0o664)
+    owned_by(monkeypatch, 0)
+    monkeypatch.setattr(settings_module, "DEFAULT_CONFIG_PATH", path)
+    with pytest.raises(UsageError) as raised:
+        load_config(None, euid=0)
+    assert raised.value.option == str(path)
+
+
+def test_a_user_running_it_reads_their_own_config_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Not root: nothing is torn down (preflight refuses), so plan and --dry-run read any file.
+    path = write(tmp_path / "c.toml", 'exclude = ["nvme"]\n')
+    path.chmod(0o666)
+    owned_by(monkeypatch, 1000)
+    assert load_config(path, euid=1000) == ({"exclude": ["nvme"]}, str(path))
 
 
 # --- one declaration per setting --------------------------------------------------------------

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.ci import in_ci
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - the tomli backport is a runtime dependency on 3.10
@@ -115,7 +117,7 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
             env={**os.environ, "PYTHON": sys.executable},
         )
         if done.returncode != 0:
-            if os.environ.get("CI") != "true" and not pypi_reachable():
+            if not in_ci() and not pypi_reachable():
                 pytest.skip("PyPI cannot be reached: the build downloads the pinned wheels")
             pytest.fail(f"build-zipapp {' '.join(options)} failed:\n{done.stdout}{done.stderr}")
         archives[name] = archive

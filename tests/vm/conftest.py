@@ -1,7 +1,8 @@
 """The real-kernel lane: every test here boots a QEMU q35 guest (TCG) and is marked `vm`.
 
 Deselect locally with `-m 'not vm'`. Missing host tools skip the lane locally, but fail it in
-CI (CI=true): there the lane must run. `.ci/run` installs what it needs (`.ci/apt-packages`).
+CI (CI=true, 1, yes...): there the lane must run. `.ci/run` installs what it needs
+(`.ci/apt-packages`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
+from tests.ci import in_ci  # noqa: E402
 from tests.conftest import TIMINGS_DIR  # noqa: E402
 from tests.vm import guest  # noqa: E402
 from tests.vm.images.build import Images, current_images  # noqa: E402
@@ -36,10 +38,6 @@ HOST_TOOLS = (
     "readelf",
 )
 Boot = Callable[..., guest.GuestRun]
-
-
-def in_ci() -> bool:
-    return os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 
 # The guests that do not boot the q35 lane's images (each lane caches its own). scripts/test

@@ -49,6 +49,11 @@ the kernel refuses (``Module e1000e is blacklisted``), so 02:00.0 comes up witho
 and petitkexec-verify.service must fail naming it. The second boot prints
 ``SECOND-KEPT-OUT <module> loaded=yes|no`` (``/sys/module/<module>``) for each module kept out.
 
+With ``mode="ssh"`` nothing happens by itself: each boot (the first, and every kexec that
+reuses its command line) puts the run's key in root's authorized_keys, starts sshd on a
+virtio-net of its own (QEMU forwards 127.0.0.1:PORT to it) and prints ``PKTEST-SSH-READY``;
+`while_running` drives the guest from the host (tests/vm/test_ansible_guest.py: Ansible).
+
 QEMU is always killed at `timeout`, and `poweroff_grace` seconds after ``SECOND-DONE``.
 """
 
@@ -64,9 +69,10 @@ import shlex
 import shutil
 import sys
 import tempfile
+import threading
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from . import debian_package, guest
@@ -90,6 +96,10 @@ PACKAGES = (
     "initramfs-tools",
     "e2fsprogs",
     "util-linux",
+    # Mode ssh: the Ansible play reaches the guest over SSH, and its apt module needs
+    # python3-apt (it would otherwise apt-get it, with no package lists and no network).
+    "openssh-server",
+    "python3-apt",
 )
 # The initramfs only needs what mounts the root (virtio-blk, nvme, ext4, or 9p over virtio);
 # MODULES=list keeps it small (~7 MB instead of ~35 MB), which both kernels unpack under TCG.
@@ -123,7 +133,7 @@ VIRTFS_BDF = "0000:00:09.0"  # virtio-9p: the root file system (mode hang)
 VIRTFS_TAG = "pkroot"
 KEPT_OUT_BDF = "0000:02:00.0"  # e1000e: its driver is kept out of the second kernel
 KEPT_OUT_MODULE = "e1000e"  # (mode missing-driver)
-MODES = ("kexec", "hang", "hang-past-limit", "missing-driver")
+MODES = ("kexec", "hang", "hang-past-limit", "missing-driver", "ssh")
 # mode hang-past-limit: the hung unbind outlasts systemd's 90 s hook limit (its deadline and
 # the hook's time limit raised past it), so systemd's SIGTERM comes while petitkexec waits.
 PAST_LIMIT_UNBIND_TIMEOUT = 100
@@ -169,7 +179,30 @@ devices() {
 }
 marker=$(arg pkmarker)
 mode=$(arg pktest)
+boot_line() {
+    # type_of_loader (boot_params offset 0x210) as the kernel kept it: QEMU's -kernel loader
+    # writes 0xb0, kexec-tools 0xd0 (Documentation/arch/x86/boot.rst's loader ids B and D).
+    echo "PKTEST-BOOT $marker boot_id=$(cat /proc/sys/kernel/random/boot_id)" \
+        "loader=0x$(od -An -tx1 -j528 -N1 /sys/kernel/boot_params/data | tr -d ' ')" \
+        "kexec_loaded=$(cat /sys/kernel/kexec_loaded) uptime=$(up)"
+}
 case $mode in
+ssh)
+    # The Ansible play drives this boot and every kexec after it (their command line is
+    # this one, reused): a key for root, the SSH NIC, sshd; nothing else.
+    boot_line
+    mkdir -p -m 0700 /root/.ssh
+    echo "ssh-ed25519 $(arg pksshkey) pktest" >/root/.ssh/authorized_keys
+    mkdir -p /var/lib/prometheus/node-exporter  # as if node_exporter were installed
+    if [ ! -e /var/lib/pktest-ssh-prepared ]; then
+        # Once per run (the disk outlives each kexec): the play installs the package itself.
+        dpkg -r petitkexec >/dev/null
+        echo "PKTEST-UNINSTALLED petitkexec=$(command -v petitkexec || echo none)"
+        touch /var/lib/pktest-ssh-prepared
+    fi
+    systemctl start systemd-networkd.service ssh.service
+    echo "PKTEST-SSH-READY $marker sshd=$(systemctl is-active ssh.service) uptime=$(up)"
+    ;;
 second)
     echo "PETITKEXEC-SECOND-UP $marker uptime=$(up)"
     udevadm settle --timeout=60
@@ -281,6 +314,13 @@ GUEST_FILES: dict[str, tuple[int, str]] = {
     "etc/machine-id": (0o444, "5e7c1f7a9d0b4e2f8a6c3b1d2e4f6a80\n"),
     "etc/resolv.conf": (0o644, ""),
 }
+# Mode ssh: the NIC the play reaches (virtio-net, its own user netdev with the port forward),
+# with slirp's fixed guest address: nothing waits for DHCP.
+SSH_MAC = "52:54:00:00:02:20"
+GUEST_FILES["etc/systemd/network/50-pkssh.network"] = (
+    0o644,
+    f"[Match]\nMACAddress={SSH_MAC}\n\n[Network]\nAddress=10.0.2.15/24\nGateway=10.0.2.2\n",
+)
 GUEST_LINKS: dict[str, str] = {
     "etc/systemd/system/multi-user.target.wants/pktest.service": "../pktest.service",
     # No getty on the console the host reads (nor on tty1), no first-boot wizard.
@@ -412,6 +452,9 @@ def _write_guest_files(root: Path) -> str:
         link = root / "boot" / name
         link.unlink(missing_ok=True)
         link.symlink_to(f"{name}-{kver}")
+    # sshd only where pktest starts it (mode ssh): the other modes boot as they did.
+    for rel in ("multi-user.target.wants/ssh.service", "sshd.service"):
+        (root / "etc/systemd/system" / rel).unlink(missing_ok=True)
     defaults = (root / "etc/default/kexec").read_text()
     if "LOAD_KEXEC=false" not in defaults.splitlines():
         raise ImageError(f"kexec-tools would load a kernel at shutdown:\n{defaults}")
@@ -718,7 +761,34 @@ class SystemdRun(guest.GuestRun):
         return None if start is None or end is None else end - start
 
 
-def _kernel_append(mode: str, marker: str, root: str) -> str:
+@dataclasses.dataclass(frozen=True)
+class SshAccess:
+    """Mode ssh: root's key and the port on 127.0.0.1 that QEMU forwards to the guest's sshd."""
+
+    port: int
+    public_key: str  # "ssh-ed25519 AAAA... comment"
+
+    @property
+    def key_blob(self) -> str:
+        kind, blob = self.public_key.split()[:2]
+        if kind != "ssh-ed25519":
+            raise ValueError(f"mode ssh takes an ed25519 key, not {kind}")
+        return blob
+
+    @property
+    def qemu_args(self) -> list[str]:
+        # Its own user netdev (restrict=on: the guest reaches nothing; the forward still
+        # works), on a virtio-net of its own: the e1000e the missing-driver play keeps out
+        # of the next kernel is not the one the play talks through.
+        return [
+            "-netdev",
+            f"user,id=ssh0,restrict=on,hostfwd=tcp:127.0.0.1:{self.port}-:22",
+            "-device",
+            f"virtio-net-pci,netdev=ssh0,romfile=,bus=pcie.0,addr=0xa,mac={SSH_MAC}",
+        ]
+
+
+def _kernel_append(mode: str, marker: str, root: str, ssh: SshAccess | None = None) -> str:
     words = [
         root,
         "rw",
@@ -738,6 +808,8 @@ def _kernel_append(mode: str, marker: str, root: str) -> str:
         words.append(f"pktimelimit={PAST_LIMIT_TIME_LIMIT}")
     if mode == "missing-driver":
         words.append(f"pkkeepout={KEPT_OUT_MODULE}")
+    if ssh is not None:
+        words.append(f"pksshkey={ssh.key_blob}")
     return " ".join(words)
 
 
@@ -750,6 +822,8 @@ def boot_systemd(
     echo: bool | None = None,
     extra_qemu_args: Sequence[str] = (),
     smp: int = SMP,
+    ssh: SshAccess | None = None,
+    while_running: Callable[[Path, str], None] | None = None,
 ) -> SystemdRun:
     """One QEMU run (q35, TCG, -no-reboot) of the systemd guest.
 
@@ -759,10 +833,15 @@ def boot_systemd(
     mode "hang-past-limit": as "hang", with the unbind's deadline and the hook's time limit
     past systemd's 90 s hook limit: systemd's SIGTERM comes while the unbind hangs;
     mode "missing-driver": as "kexec", with module_blacklist=e1000e on the second kernel's
-    command line (02:00.0 comes back without a driver: verify must fail).
+    command line (02:00.0 comes back without a driver: verify must fail);
+    mode "ssh" (with `ssh`): as "kexec" but nothing happens by itself: each boot starts sshd
+    (``PKTEST-SSH-READY``) and `while_running(log_path, marker)`, in a thread, drives the
+    guest from the host; QEMU ends when the guest powers off (or at `timeout`).
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
+    if (mode == "ssh") != (ssh is not None):
+        raise ValueError("mode ssh, and only it, takes ssh=SshAccess(...)")
     echo = bool(os.environ.get("PETITKEXEC_VM_ECHO")) if echo is None else echo
     runs = cache() / "runs"
     runs.mkdir(parents=True, exist_ok=True)
@@ -800,7 +879,7 @@ def boot_systemd(
         "-initrd",
         str(images.initrd),
         "-append",
-        _kernel_append(mode, marker, root),
+        _kernel_append(mode, marker, root, ssh),
         "-drive",
         f"if=none,id=rootdisk,file={images.disk},format=raw,snapshot=on",
         "-drive",
@@ -836,7 +915,13 @@ def boot_systemd(
             str(merged),
             *args,
         ]
+    if ssh is not None:
+        args += ssh.qemu_args
     command += list(extra_qemu_args)
+    driver = None
+    if while_running is not None:
+        driver = threading.Thread(target=while_running, args=(log_path, marker), daemon=True)
+        driver.start()
 
     finished = guest.run_qemu(
         command,
@@ -846,6 +931,8 @@ def boot_systemd(
         echo=echo,
         poll_s=0.2,
     )
+    if driver is not None:
+        driver.join(timeout=30)
     shutil.rmtree(work, ignore_errors=True)
     return SystemdRun.from_qemu(
         finished,

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
-from tests.vm.guest import EXPECTED_DRIVERS, GuestRun
+from tests.vm.guest import EXPECTED_DRIVERS, VIRTFS_BDF, GuestRun
 from tests.vm.images.lanes import X86
 from tests.vm.test_scenarios import EXEC, NVME, assert_second_kernel_reprobed, scenario
 
@@ -128,4 +129,38 @@ def test_a_bridge_removed_mid_walk_is_reported_gone_and_the_handoff_goes_on(
     assert loud == {}, run.tail(120)
     assert run.second_up and run.second_devices.get("0000:08:00.0") == "ahci", run.tail(120)
     assert run.second_devices.get(NVME) == "nvme"
+    assert_no_traceback(run)
+
+
+def test_an_abandoned_unbind_that_returns_later_leaves_the_function_bindable(
+    boot: Boot, tmp_path: Path
+) -> None:
+    """Row 32: virtio-9p's remove() waits for its mount (p9_virtio_remove()). The rollback's
+    driver_override write waits on the device_lock that remove() holds and is reported as
+    such; once the share is unmounted remove() returns, the override lands, and a manual bind
+    works (with driver_override left "none" it failed with ENODEV)."""
+    override = f"/sys/bus/pci/devices/{VIRTFS_BDF}/driver_override"
+    run = boot(
+        scenario(
+            "mount -t 9p -o trans=virtio,version=9p2000.L host0 /mnt\n"
+            f"{EXEC} --unprotect {VIRTFS_BDF} --unbind-timeout 3\necho PK-EXIT $?\n"
+            "umount /mnt; echo UMOUNT-RC $?\n"
+            f"n=0; while [ \"$(cat {override})\" != '(null)' ] && [ $n -lt 100 ]; do "
+            "sleep 0.1; n=$((n + 1)); done\n"
+            f"echo OVERRIDE-AFTER $(cat {override})\n"
+            f"echo {VIRTFS_BDF} > /sys/bus/pci/drivers/virtio-pci/bind; echo BIND-RC $?\n"
+            "readback after\n"
+        ),
+        virtfs_dir=tmp_path,
+        poweroff_grace=5,
+    )
+    assert "PK-EXIT 5" in run.log, run.tail(120)
+    assert re.search(
+        rf"rollback: rebind {VIRTFS_BDF} to virtio-pci: remove\(\) \(child \d+\) still holds "
+        r"device_lock: driver_override \(null\) is written when it returns",
+        run.log,
+    ), run.tail(120)
+    assert "UMOUNT-RC 0" in run.log and "OVERRIDE-AFTER (null)" in run.log, run.tail(120)
+    assert "BIND-RC 0" in run.log, run.tail(120)
+    assert run.readback("after")[VIRTFS_BDF].driver == "virtio-pci"
     assert_no_traceback(run)

@@ -248,6 +248,23 @@ print("ZIPAPP-FIND-LIBRARY", ctypes.util.find_library("udev"))
 print("ZIPAPP-UDEV-CONTEXT", udev_context() is not None)
 PY
 """
+# The firmware runtime of bench/firmware_footprint.py: the interpreter, only the stdlib modules
+# of bench/stdlib-closure.txt (bytecode only), the C libraries they need beyond glibc, and the
+# archive stored without deflate. -S: site is not in the closure. Its own prefix (getpath finds
+# os.pyc next to the binary's ../lib/python3.11), so the image's full stdlib is not on the path.
+FIRMWARE = "/opt/fw"
+FIRMWARE_PYTHON = (
+    f"LD_LIBRARY_PATH={FIRMWARE}/usr/lib/powerpc64le-linux-gnu {FIRMWARE}/usr/bin/python3.11 -I -S"
+)
+FIRMWARE_RUN = f"{FIRMWARE_PYTHON} {FIRMWARE}/petitkexec.pyz"
+FIRMWARE_PROBE = (
+    f"chmod 755 {FIRMWARE}/usr/bin/python3.11\n"
+    f"{FIRMWARE_PYTHON} -c 'import sys; print(\"FW-PATH\", *sys.path)'\n"
+    + f"{FIRMWARE_RUN} snapshot -o /tmp/fw-snapshot.json; echo FWSNAP-EXIT $?\n"
+    + f"{FIRMWARE_RUN} verify --against /tmp/fw-snapshot.json > /tmp/fwverify.txt 2>&1;"
+    " echo FWVERIFY-EXIT $?\n"
+    "sed 's/^/FWVERIFY| /' /tmp/fwverify.txt\n"
+)
 DRY_RUN_LINE = "dry run: would now run /usr/sbin/kexec-readback -e"
 
 
@@ -275,6 +292,26 @@ def zipapp(tmp_path_factory: pytest.TempPathFactory, record_timing: Record) -> b
     return archive.read_bytes()
 
 
+@pytest.fixture(scope="session")
+def firmware_runtime(tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
+    """bench/firmware_footprint.py's runtime for the guest's packages, as extra files below
+    FIRMWARE (the closure is the list the unit test holds every command to)."""
+    sys.path.insert(0, str(REPO / "bench"))
+    import firmware_footprint as footprint
+
+    scratch = tmp_path_factory.mktemp("firmware")
+    root = powernv.cache_dir() / "pkgroot"
+    archive = footprint.build_archive(GUEST_PYTHON, scratch)
+    closure = footprint.closure_files(footprint.read_closure_list(), root)
+    out = scratch / "runtime"
+    parts = footprint.build_runtime(f"/usr/bin/python{GUEST_PYTHON}", closure, archive, root, out)
+    return {
+        f"{FIRMWARE.lstrip('/')}/{file.relative_to(out)}": file.read_bytes()
+        for files in parts.values()
+        for file in files
+    }
+
+
 def retagged(readback: dict[str, ReadbackLine], tag: str) -> dict[str, ReadbackLine]:
     return {
         bdf: ReadbackLine(line.bdf, line.driver, line.command, tag)
@@ -283,11 +320,17 @@ def retagged(readback: dict[str, ReadbackLine], tag: str) -> dict[str, ReadbackL
 
 
 @pytest.fixture(scope="module")
-def zipapp_run(powernv_images: Images, zipapp: bytes, record_timing: Record) -> GuestRun:
+def zipapp_run(
+    powernv_images: Images,
+    zipapp: bytes,
+    firmware_runtime: dict[str, bytes],
+    record_timing: Record,
+) -> GuestRun:
     """One boot, three checks that do not disturb each other, in this order: `exec --dry-run`
     between two read-backs (it changes nothing); the zipapp's `plan`; integrity lockdown
     raised (stage 1 has loaded the kernel already: lockdown forbids kexec_load, not the
-    reboot(LINUX_REBOOT_CMD_KEXEC) of `kexec -e`); the zipapp's `exec` into the second kernel."""
+    reboot(LINUX_REBOOT_CMD_KEXEC) of `kexec -e`); the zipapp's `exec` into the second kernel.
+    `plan`, `snapshot`, `verify` and `exec` run in the firmware runtime (FIRMWARE) alone."""
     run = powernv.boot_powernv(
         "if command -v ldconfig >/dev/null || [ -e /etc/ld.so.cache ]; then "
         "echo LD-CACHE present; else echo LD-CACHE none; fi\n"
@@ -298,15 +341,16 @@ def zipapp_run(powernv_images: Images, zipapp: bytes, record_timing: Record) -> 
         + "sed 's/^/DRY| /' /tmp/dry.txt\n"
         "readback after\n"
         f"{LIBUDEV_PROBE}"
+        + FIRMWARE_PROBE
         + stamp("ZPLAN-START")
-        + f"{ZIPAPP_RUN} plan > /tmp/plan.txt 2>&1; echo ZPLAN-EXIT $?\n"
+        + f"{FIRMWARE_RUN} plan > /tmp/plan.txt 2>&1; echo ZPLAN-EXIT $?\n"
         + stamp("ZPLAN-END")
         + "sed 's/^/ZPLAN| /' /tmp/plan.txt\n"
         "echo integrity > /sys/kernel/security/lockdown\n"
         "sed 's/^/LOCKDOWN-NOW /' /sys/kernel/security/lockdown\n"
         + stamp("PK-START")
-        + f"{ZIPAPP_RUN} exec --kexec /usr/sbin/kexec-readback\necho PK-EXIT $?\n",
-        extra_files={ZIPAPP.lstrip("/"): zipapp},
+        + f"{FIRMWARE_RUN} exec --kexec /usr/sbin/kexec-readback\necho PK-EXIT $?\n",
+        extra_files={ZIPAPP.lstrip("/"): zipapp, **firmware_runtime},
         images=powernv_images,
     )
     record_timing(
@@ -332,6 +376,13 @@ def test_powernv_zipapp_without_ldconfig_plans_and_execs_into_the_second_kernel(
     assert run.exit_code is None and "PK-EXIT" not in run.log, run.tail(120)
     assert_quiet_before_kexec(run)
     assert_second_kernel_reprobed(run)
+    # plan above, snapshot, verify and exec ran in the firmware runtime alone: its own prefix,
+    # no other stdlib on the path; a module missing from the closure would have failed them.
+    fw_path = next(iter(run.lines_starting("FW-PATH "))).split()[1:]
+    assert fw_path and all(p.startswith(FIRMWARE) for p in fw_path), fw_path
+    assert "FWSNAP-EXIT 0" in run.log and "FWVERIFY-EXIT 0" in run.log, run.tail(120)
+    verified = [line.removeprefix("FWVERIFY| ") for line in run.lines_starting("FWVERIFY| ")]
+    assert verified[-1:] == ["all 13 functions back as they were"], verified
     record_timing(
         "powernv: zipapp plan vs pip-installed exec --dry-run, same boot (guest)",
         f"{uptime(run, 'ZPLAN-END') - uptime(run, 'ZPLAN-START'):.2f}s vs "

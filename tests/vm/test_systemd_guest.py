@@ -31,8 +31,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.ci import in_ci
 from tests.vm import systemd_guest
-from tests.vm.conftest import in_ci
 from tests.vm.systemd_guest import (
     KEPT_OUT_BDF,
     KEPT_OUT_MODULE,

@@ -1,0 +1,158 @@
+"""One unbind step on the simulated kernel (petitkexec.unbind): what it writes, what it
+journals and what it reports, for each way the kernel answers."""
+
+from __future__ import annotations
+
+import errno
+
+from petitkexec.bdf import Bdf
+from petitkexec.busmaster import BusMasterClearer
+from petitkexec.deadline import wait_first
+from petitkexec.journal import Journal, Undo, UndoKind
+from petitkexec.outcome import Pending, Status, StepOutcome
+from petitkexec.plan import Action, Step
+from petitkexec.unbind import Unbinder
+from tests.conftest import SimFactory
+from tests.simkernel import SimFunction, SimKernel
+
+NIC = "0000:00:03.0"
+STEP = Step(Bdf.parse(NIC), Action.UNBIND, "e1000e, has unbind")
+
+
+def unbind(sim: SimKernel, step: Step = STEP, timeout_s: float = 2) -> tuple[StepOutcome, Journal]:
+    journal = Journal(undo_timeout_s=2)
+    unbinder = Unbinder(sim.kernel, journal, BusMasterClearer(sim.kernel, journal), timeout_s)
+    begun = unbinder.begin(step)
+    if isinstance(begun, Pending):
+        _child, result = wait_first([begun.child])
+        return begun.finish(result), journal
+    return begun, journal
+
+
+def test_an_unbind_that_leaves_bus_master_on_is_journalled_then_cleared(
+    make_sim: SimFactory,
+) -> None:
+    sim = make_sim([SimFunction(NIC, driver="e1000e", command=0x0406)])
+    outcome, journal = unbind(sim)
+    assert (outcome.status, outcome.detail, outcome.command_after) == (
+        Status.DONE,
+        "unbound from e1000e; driver left bus master on: bus master cleared",
+        0x0402,
+    )
+    assert sim.driver_of(NIC) is None and not sim.bus_master_on(NIC)
+    assert [(w["path"].rsplit("/", 1)[1], w["data"]) for w in sim.writes()][:2] == [
+        ("driver_override", "none"),  # first: nothing may bind it again
+        ("unbind", NIC),
+    ]
+    assert journal.entries == [
+        Undo(UndoKind.REBIND, Bdf.parse(NIC), driver="e1000e", driver_override=None),
+        Undo(UndoKind.RESTORE_COMMAND, Bdf.parse(NIC), command=0x0406),
+    ]
+
+
+def test_a_pf_journals_its_vfs_before_its_rebind(make_sim: SimFactory) -> None:
+    sim = make_sim()
+    pf = Bdf.parse("0000:01:00.0")
+    for vf in ("0000:01:00.1", "0000:01:00.2"):
+        unbind(sim, Step(Bdf.parse(vf), Action.UNBIND, "nvme, has unbind"))
+    outcome, journal = unbind(sim, Step(pf, Action.UNBIND, "nvme, has unbind"))
+    assert outcome.status is Status.DONE
+    assert [(u.kind, u.numvfs) for u in journal.entries[:2]] == [
+        (UndoKind.RESTORE_SRIOV, 2),
+        (UndoKind.REBIND, 0),
+    ]
+    assert journal.entries[1] == Undo(UndoKind.REBIND, pf, driver="nvme", driver_override=None)
+
+
+def test_a_quirk_that_keeps_bus_master_leaves_it_on(make_sim: SimFactory) -> None:
+    sim = make_sim([SimFunction(NIC, driver="e1000e", command=0x0406)])
+    step = Step(Bdf.parse(NIC), Action.UNBIND, "e1000e, has unbind", keep_bus_master=True)
+    outcome, journal = unbind(sim, step)
+    assert (outcome.status, outcome.detail) == (
+        Status.DONE,
+        "unbound from e1000e; bus master left (quirk)",
+    )
+    assert sim.bus_master_on(NIC)
+    assert [u.kind for u in journal.entries] == [UndoKind.REBIND]
+
+
+def test_a_refused_unbind_puts_the_override_back_and_journals_nothing(
+    make_sim: SimFactory,
+) -> None:
+    sim = make_sim([SimFunction(NIC, driver="e1000e")])
+    (sim.device_dir(NIC) / "driver_override").write_text("e1000e\n")
+    sim.fail_write(NIC, "unbind", errno.EBUSY)
+    outcome, journal = unbind(sim)
+    assert (outcome.status, outcome.detail, outcome.driver_after) == (
+        Status.FAILED,
+        "still bound to e1000e after unbind (EBUSY)",
+        "e1000e",
+    )
+    assert sim.attribute(NIC, "driver_override") == "e1000e"
+    assert journal.entries == []
+
+
+def test_a_refused_driver_override_stops_the_step_before_the_unbind(
+    make_sim: SimFactory,
+) -> None:
+    sim = make_sim([SimFunction(NIC, driver="e1000e")])
+    sim.fail_write(NIC, "driver_override", errno.EPERM)
+    outcome, journal = unbind(sim)
+    assert (outcome.status, outcome.driver_after) == (Status.FAILED, "e1000e")
+    assert outcome.detail.startswith("driver_override: ") and "EPERM" in outcome.detail
+    assert not any(w["path"].endswith("/unbind") for w in sim.writes())
+    assert journal.entries == [] and sim.driver_of(NIC) == "e1000e"
+
+
+def test_a_remove_that_never_returns_is_hung_naming_the_child(make_sim: SimFactory) -> None:
+    sim = make_sim([SimFunction(NIC, driver="e1000e", remove_hangs=True)])
+    outcome, journal = unbind(sim, timeout_s=0.5)
+    assert outcome.status is Status.HUNG
+    assert outcome.detail.startswith("e1000e remove() did not return within 0.5 s (child ")
+    assert outcome.detail.endswith(" abandoned; e1000e, has unbind)")
+    # Journalled all the same (issue 17, point 6): remove() may still return, and then the
+    # function must be bindable again, so the rollback writes its driver_override back.
+    [undo] = journal.entries
+    assert (undo.kind, undo.driver, undo.driver_override) == (UndoKind.REBIND, "e1000e", None)
+    assert undo.abandoned_pid
+
+
+def test_a_function_already_without_driver_gets_the_read_back(make_sim: SimFactory) -> None:
+    sim = make_sim([SimFunction(NIC, command=0x0406)])
+    outcome, journal = unbind(sim)
+    assert (outcome.status, outcome.detail) == (
+        Status.DONE,
+        "driver already gone; driver left bus master on: bus master cleared",
+    )
+    # Bus master cleared, then driver_override `none` (issue 17, point 7: no late probe may
+    # bind it and turn bus mastering back on): both undone on rollback.
+    assert [u.kind for u in journal.entries] == [
+        UndoKind.RESTORE_COMMAND,
+        UndoKind.RESTORE_OVERRIDE,
+    ]
+
+
+def test_a_function_that_is_gone_is_reported_gone(make_sim: SimFactory) -> None:
+    sim = make_sim([SimFunction(NIC, driver="e1000e"), SimFunction("0000:00:04.0")])
+    sim.vanish(NIC)
+    outcome, journal = unbind(sim)
+    assert (outcome.status, outcome.detail) == (Status.GONE, "function is gone")
+    assert sim.writes() == [] and journal.entries == []
+
+
+def test_a_function_removed_by_its_unbind_is_done_and_rebound_on_rollback(
+    make_sim: SimFactory,
+) -> None:
+    sim = make_sim([SimFunction(NIC, driver="e1000e"), SimFunction("0000:00:04.0")])
+    journal = Journal(undo_timeout_s=2)
+    unbinder = Unbinder(sim.kernel, journal, BusMasterClearer(sim.kernel, journal), 2)
+    begun = unbinder.begin(STEP)
+    assert isinstance(begun, Pending)
+    _child, result = wait_first([begun.child])
+    sim.vanish(NIC)  # e.g. a VF whose PF went away meanwhile
+    outcome = begun.finish(result)
+    assert (outcome.status, outcome.detail) == (
+        Status.DONE,
+        "unbound from e1000e; function removed",
+    )
+    assert [u.kind for u in journal.entries] == [UndoKind.REBIND]
