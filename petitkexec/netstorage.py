@@ -218,15 +218,19 @@ class NetworkView:
         except (OSError, ValueError):
             return []  # not connected: nothing travels over a network
         sessions = self._sockets_of(pid)
-        if sessions is not None:
+        if sessions:
             return self._to_endpoints(leaf.name, sessions)
         # Netlink mode: the client exited, `pid` names it (nbd_start_device() records who
         # connected; the kernel's recv_work() holds the socket). Which kernel-held connection
         # is this device's is not shown anywhere, nor is its port fixed (10809 is only the
         # default): every kernel-held connection may be one of its num_connections, and each
         # one's NIC is needed. One too many (an NFS or iSCSI session's, needed anyway) is safe.
+        # A Unix socket only ([]) is a local server, or the exited client's pid reused by
+        # another process: the kernel-held connections are looked at in both cases.
         kernel_held = self._kernel_held_connections()
         if not kernel_held:
+            if sessions == []:
+                return []  # a local server: nothing travels over a NIC
             return self._every_nic(f"may carry {leaf.name} (its socket is not visible)")
         return [
             (bdf, f"{reason} (a connection the kernel holds)")

@@ -215,6 +215,26 @@ def test_a_netlink_nbd_needs_only_the_nic_of_the_connection_the_kernel_holds(
     }
 
 
+def test_a_netlink_nbd_whose_pid_was_reused_by_a_unix_socket_holder_keeps_its_nic(
+    tmp_path: Path,
+) -> None:
+    # The client that connected nbd0 exited (netlink mode); its pid now belongs to a process
+    # holding only a Unix socket. That is no local NBD session: the kernel-held connection
+    # is still this device's, and its NIC still needed.
+    machine = netlink_nbd(tmp_path)
+    reused = machine.proc / "4242"
+    (reused / "fd").mkdir(parents=True)
+    (reused / "net").mkdir()
+    (reused / "comm").write_text("dbus-daemon\n")
+    os.symlink("socket:[6666]", reused / "fd" / "3")
+    (reused / "net" / "tcp").write_text(TCP_HEADER + "\n")
+    (reused / "net" / "unix").write_text(
+        "Num       RefCount Protocol Flags    Type St Inode Path\n"
+        "0000000000000000: 00000002 00000000 00010000 0001 01 6666 /run/dbus/system_bus_socket\n"
+    )
+    assert set(machine.needed()) == {"0000:04:00.0"}
+
+
 def test_the_processes_are_walked_for_their_sockets_once(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
