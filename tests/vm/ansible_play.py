@@ -32,9 +32,11 @@ def ansible_venv() -> Path:
     if not (venv / "complete").exists():
         shutil.rmtree(venv, ignore_errors=True)
         started = time.monotonic()
-        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-        pip = [str(venv / "bin/pip"), "install", "-q", f"ansible-core=={ANSIBLE_CORE}"]
-        subprocess.run(pip, check=True)
+        # No pip of its own: the venv's ensurepip failed once in a CI run, with nothing said;
+        # this interpreter's pip installs into it instead (pip's --python).
+        subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+        pip = [sys.executable, "-m", "pip", "--python", str(venv / "bin/python")]
+        subprocess.run([*pip, "install", "-q", f"ansible-core=={ANSIBLE_CORE}"], check=True)
         (venv / "complete").write_text(ANSIBLE_CORE + "\n")
         log(f"ansible-core {ANSIBLE_CORE} in {venv} ({time.monotonic() - started:.0f}s)")
     return venv / "bin"

@@ -91,6 +91,9 @@ def test_a_namespace_open_for_writing_is_protected_and_the_rest_torn_down(boot: 
         scenario(
             "sleep 600 3<>/dev/nvme0n1 &\n"
             'echo "HOLDER pid=$!"\n'
+            # The background child opens fd 3 after the fork: wait until it has.
+            "n=0; while [ ! -e /proc/$!/fdinfo/3 ] && [ $n -lt 100 ]; do\n"
+            "sleep 0.1; n=$((n + 1)); done\n"
             "grep flags /proc/$!/fdinfo/3 | sed 's/^/HOLDER-FD /'\n"
             f"{EXEC}\necho PK-EXIT $?\n"
         )
