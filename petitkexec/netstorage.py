@@ -209,7 +209,7 @@ class NetworkView:
         return None
 
     def _nbd(self, leaf: Path) -> list[tuple[Bdf, str]]:
-        """/sys/block/nbdN/pid exists while the device is connected (nbd_start_device()); in
+        """block/nbdN/pid in sysfs exists while the device is connected (nbd_start_device()); in
         ioctl mode (busybox and nbd-client without -N netlink) that process sits in
         NBD_DO_IT holding the socket. `backend` (netlink only) is a free-form identifier, not
         an address."""
@@ -414,7 +414,7 @@ def active_network_functions(sysfs_root: Path) -> Iterator[tuple[Bdf, str]]:
 
 
 def _function_of_interface(link: Path) -> Bdf | None:
-    """/sys/class/net/IF is a link itself: resolve it before its `device` link."""
+    """class/net/IF in sysfs is a link itself: resolve it before its `device` link."""
     try:
         return Bdf.innermost_in(resolve_link(Path(resolve_link(link)) / "device"))
     except OSError:
