@@ -28,7 +28,8 @@ def reset(
     if isinstance(begun, Pending):
         assert begun.step == STEP  # what the executor reports and orders by
         _child, result = wait_first([begun.child])
-        return begun.finish(result)
+        begun = begun.finish(result)
+    assert begun.step == STEP
     return begun
 
 
@@ -149,6 +150,7 @@ def test_a_bridge_without_config_is_gone_and_not_reset(make_sim: SimFactory) -> 
     topology = sim.topology()
     (sim.device_dir(PORT) / "config").unlink()
     outcome = BusResetter(sim.kernel, topology, 2, True).begin(STEP)
+    assert isinstance(outcome, StepOutcome) and outcome.step == STEP
     assert (outcome.status, outcome.detail) == (Status.GONE, "bridge control unreadable")
     assert sim.writes() == []
 
@@ -167,12 +169,20 @@ def test_a_raw_sbr_is_refused_on_powernv(make_sim: SimFactory) -> None:
 def test_a_function_that_never_answers_again_is_waited_for_one_second(
     make_sim: SimFactory,
 ) -> None:
-    sim = make_sim(port_with(nic(multifunction=True), nic(NIC2), reset_subordinate=True))
+    port = "0000:00:03.0"
+    sim = make_sim(
+        [
+            *port_with(nic(multifunction=True), nic(NIC2), reset_subordinate=True),
+            root_port(port),  # a function elsewhere that does not answer is not waited for
+        ]
+    )
+    sim.make_config_read_ffff(NIC)
     sim.make_config_read_ffff(NIC2)
+    sim.make_config_read_ffff(port)
     outcome = reset(sim)
     assert (outcome.status, outcome.detail) == (
         Status.FAILED,
-        f"reset_subordinate; no answer from {NIC2}",
+        f"reset_subordinate; no answer from {NIC2}, {NIC}",
     )
     assert sleeps(sim) == [0.02] * 50  # polled every 20 ms for the kernel's 1 s
 
@@ -246,6 +256,8 @@ def test_bus_master_on_again_after_the_reset_fails_the_step(make_sim: SimFactory
         Status.FAILED,
         f"reset_subordinate; bus master on again: {NIC2}",
     )
+    sim.turn_bus_master_back_on(NIC, when="reset")
+    assert reset(sim).detail == f"reset_subordinate; bus master on again: {NIC2}, {NIC}"
 
 
 def test_a_refused_reset_is_a_failure_that_still_checks_what_is_below(

@@ -12,6 +12,7 @@ import pytest
 from petitkexec.bdf import Bdf
 from petitkexec.deadline import wait_first
 from petitkexec.journal import Journal, Undo, UndoKind, UndoResult
+from petitkexec.kernel import Kernel
 from tests.conftest import SimFactory
 from tests.simkernel import SimFunction, SimKernel
 
@@ -295,3 +296,95 @@ def test_an_abandoned_unbind_still_in_remove_is_reported_and_its_override_lands_
         time.sleep(0.05)
     assert sim.attribute(NIC, "driver_override") == "(null)"
     assert sim.driver_of(NIC) is None
+
+
+def unbound_nic(make_sim: SimFactory, **kwargs: object) -> SimKernel:
+    """NIC unbound by us (driver_override `none`), udev kept away."""
+    sim = make_sim([SimFunction(NIC, driver="e1000e", **kwargs)], autoprobe=False)  # type: ignore[arg-type]
+    sim.kernel.set_driver_override(B, "none")
+    wait_first([sim.kernel.start_unbind(B, "e1000e", 2)])
+    return sim
+
+
+def test_a_refused_bind_puts_back_the_override_the_function_had(make_sim: SimFactory) -> None:
+    sim = unbound_nic(make_sim)
+    sim.fail_write(NIC, "bind", errno.ENODEV)
+    journal = Journal(undo_timeout_s=2)
+    journal.record(Undo(UndoKind.REBIND, B, driver="e1000e", driver_override="vfio-pci"))
+    assert [r.ok for r in journal.rollback(sim.kernel)] == [False]
+    assert sim.attribute(NIC, "driver_override") == "vfio-pci"
+
+
+def test_a_rebind_puts_back_the_override_the_function_had(make_sim: SimFactory) -> None:
+    sim = unbound_nic(make_sim)
+    journal = Journal(undo_timeout_s=2)
+    journal.record(Undo(UndoKind.REBIND, B, driver="e1000e", driver_override="vfio-pci"))
+    assert [r.ok for r in journal.rollback(sim.kernel)] == [True]
+    assert (sim.driver_of(NIC), sim.attribute(NIC, "driver_override")) == ("e1000e", "vfio-pci")
+
+
+def test_a_function_bound_elsewhere_gets_its_override_back_and_the_undo_says_where(
+    make_sim: SimFactory,
+) -> None:
+    sim = unbound_nic(make_sim)
+    sim.probe_under_way(NIC, "igb")
+    journal = Journal(undo_timeout_s=2)
+    undo = Undo(UndoKind.REBIND, B, driver="e1000e")
+    journal.record(undo)
+    assert journal.rollback(sim.kernel) == [UndoResult(undo, False, "bound to igb, not e1000e")]
+    assert sim.attribute(NIC, "driver_override") == "(null)"
+    assert not any(w["path"].endswith("/bind") for w in sim.writes())
+
+
+def test_a_bind_that_answers_success_without_binding_says_the_driver_did_not_bind(
+    make_sim: SimFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # really_probe() on older kernels: a probe() that rejects the match (-ENODEV, -ENXIO) is
+    # not passed on, and `bind` answers success with no driver bound.
+    sim = unbound_nic(make_sim)
+    monkeypatch.setattr(sim, "_bind", lambda _bdf, _driver: None)
+    journal = Journal(undo_timeout_s=2)
+    undo = Undo(UndoKind.REBIND, B, driver="e1000e")
+    journal.record(undo)
+    assert journal.rollback(sim.kernel) == [UndoResult(undo, False, "e1000e did not bind")]
+    assert sim.attribute(NIC, "driver_override") == "(null)"
+
+
+def test_a_write_past_its_deadline_is_killed_before_it_lands(make_sim: SimFactory) -> None:
+    sim = unbound_nic(make_sim)
+    journal = Journal(undo_timeout_s=1e-6)  # abandoned before the child reaches write()
+    journal.record(Undo(UndoKind.REBIND, B, driver="e1000e"))
+    [result] = journal.rollback(sim.kernel)
+    assert not result.ok and result.detail.startswith("driver_override: ETIMEDOUT")
+    time.sleep(0.5)  # long enough for a child that was not killed to write
+    assert sim.attribute(NIC, "driver_override") == "none"
+
+
+def test_a_write_meant_to_land_later_is_not_killed_at_its_deadline(
+    make_sim: SimFactory,
+) -> None:
+    sim = make_sim([SimFunction(NIC, driver="e1000e", remove_hangs=True)], autoprobe=False)
+    kernel = sim.kernel
+    kernel.set_driver_override(B, "none")
+    _child, unbind = wait_first([kernel.start_unbind(B, "e1000e", 0.3)])
+    journal = Journal(undo_timeout_s=1e-6)  # abandoned before the child reaches write()
+    journal.record(Undo(UndoKind.REBIND, B, driver="e1000e", abandoned_pid=unbind.pid))
+    [result] = journal.rollback(kernel)
+    assert not result.ok and "is written when it returns" in result.detail
+    sim.release(NIC)
+    deadline = time.monotonic() + 10
+    while sim.attribute(NIC, "driver_override") != "(null)" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert sim.attribute(NIC, "driver_override") == "(null)"
+
+
+def test_a_child_that_dies_without_a_report_is_an_eio(
+    make_sim: SimFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Killed from outside (the OOM killer, say) before it said how its write went.
+    sim = make_sim([SimFunction(NIC)])
+    monkeypatch.setattr(Kernel, "_write_confined", lambda *_args: os._exit(0))
+    journal = Journal(undo_timeout_s=2)
+    journal.record(Undo(UndoKind.RESTORE_COMMAND, B, command=0x0407))
+    [result] = journal.rollback(sim.kernel)
+    assert (result.ok, result.detail) == (False, "COMMAND: EIO (Input/output error): EIO")

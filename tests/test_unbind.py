@@ -269,3 +269,48 @@ def test_a_hung_pf_journals_its_vfs_and_its_override_as_one_that_returned(
         "ixgbe",
     )
     assert rebind.abandoned_pid
+
+
+def test_a_pf_removed_by_its_unbind_journals_its_vfs_and_override(make_sim: SimFactory) -> None:
+    pf, vf = "0000:01:00.0", "0000:01:00.1"
+    sim = make_sim(
+        [
+            SimFunction(pf, driver="ixgbe", multifunction=True),
+            SimFunction(vf, physfn=pf, driver="ixgbevf"),
+            SimFunction("0000:00:04.0"),
+        ]
+    )
+    (sim.device_dir(pf) / "driver_override").write_text("ixgbe\n")
+    journal = Journal(undo_timeout_s=2)
+    unbinder = Unbinder(sim.kernel, journal, BusMasterClearer(sim.kernel, journal), 2)
+    step = Step(Bdf.parse(pf), Action.UNBIND, "ixgbe, has unbind")
+    begun = unbinder.begin(step)
+    assert isinstance(begun, Pending)
+    _child, result = wait_first([begun.child])
+    sim.vanish(pf)  # hot removal while remove() ran
+    outcome = begun.finish(result)
+    assert (outcome.step, outcome.status) == (step, Status.DONE)
+    assert journal.entries == [
+        Undo(UndoKind.RESTORE_SRIOV, Bdf.parse(pf), numvfs=1),
+        Undo(UndoKind.REBIND, Bdf.parse(pf), driver="ixgbe", driver_override="ixgbe"),
+    ]
+
+
+def test_a_refused_unbind_whose_override_cannot_be_put_back_is_still_the_unbinds_failure(
+    make_sim: SimFactory,
+) -> None:
+    sim = make_sim([SimFunction(NIC, driver="e1000e")])
+    sim.fail_write(NIC, "unbind", errno.EBUSY)
+    journal = Journal(undo_timeout_s=2)
+    unbinder = Unbinder(sim.kernel, journal, BusMasterClearer(sim.kernel, journal), 2)
+    begun = unbinder.begin(STEP)
+    assert isinstance(begun, Pending)
+    _child, result = wait_first([begun.child])
+    sim.fail_write(NIC, "driver_override", errno.EPERM)  # the put-back is refused
+    outcome = begun.finish(result)
+    assert (outcome.status, outcome.detail) == (
+        Status.FAILED,
+        "still bound to e1000e after unbind (EBUSY)",
+    )
+    assert sim.attribute(NIC, "driver_override") == "none"
+    assert journal.entries == []
