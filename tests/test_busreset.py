@@ -289,3 +289,20 @@ def test_a_reset_that_does_not_return_is_hung_naming_the_child(
         Status.HUNG,
         f"reset_subordinate: {why} (child {result.pid} abandoned)",
     )
+
+
+def test_a_bus_reset_through_a_function_whose_lock_is_held_is_hung(make_sim: SimFactory) -> None:
+    sim = make_sim(port_with(nic(driver="e1000e", reset_methods=("bus",), remove_hangs=True)))
+    topology = sim.topology()
+    # A remove() that never returned holds the function's device_lock, which the reset takes.
+    wait_first([sim.kernel.start_unbind(Bdf.parse(NIC), "e1000e", 0.1)])
+    resetter = BusResetter(sim.kernel, topology, 0.33, False)
+    begun = resetter.begin(STEP)
+    assert isinstance(begun, Pending)
+    _child, result = wait_first([begun.child])
+    outcome = begun.finish(result)
+    assert (outcome.status, outcome.detail) == (
+        Status.HUNG,
+        f"bus reset through {NIC} (reset_method bus): no answer within 0.3 s "
+        f"(child {result.pid} abandoned)",
+    )
