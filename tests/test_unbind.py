@@ -24,8 +24,10 @@ def unbind(sim: SimKernel, step: Step = STEP, timeout_s: float = 2) -> tuple[Ste
     unbinder = Unbinder(sim.kernel, journal, BusMasterClearer(sim.kernel, journal), timeout_s)
     begun = unbinder.begin(step)
     if isinstance(begun, Pending):
+        assert begun.step == step  # what the executor reports and orders by
         _child, result = wait_first([begun.child])
-        return begun.finish(result), journal
+        begun = begun.finish(result)
+    assert begun.step == step
     return begun, journal
 
 
@@ -314,3 +316,13 @@ def test_a_refused_unbind_whose_override_cannot_be_put_back_is_still_the_unbinds
     )
     assert sim.attribute(NIC, "driver_override") == "none"
     assert journal.entries == []
+
+
+def test_an_nvme_remove_longer_than_the_unbind_timeout_is_waited_for(
+    make_sim: SimFactory,
+) -> None:
+    # The controller's shutdown may take up to 60 s: --unbind-timeout does not cut it short.
+    sim = make_sim([SimFunction(NIC, driver="nvme", remove_seconds=0.6)])
+    outcome, journal = unbind(sim, Step(Bdf.parse(NIC), Action.UNBIND, "nvme"), timeout_s=0.2)
+    assert (outcome.status, sim.driver_of(NIC)) == (Status.DONE, None)
+    assert journal.entries[0].kind is UndoKind.REBIND
