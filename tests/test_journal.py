@@ -388,3 +388,36 @@ def test_a_child_that_dies_without_a_report_is_an_eio(
     journal.record(Undo(UndoKind.RESTORE_COMMAND, B, command=0x0407))
     [result] = journal.rollback(sim.kernel)
     assert (result.ok, result.detail) == (False, "COMMAND: EIO (Input/output error): EIO")
+
+
+def test_a_refused_enable_is_reported_as_such(make_sim: SimFactory) -> None:
+    sim = make_sim([SimFunction(NIC, enable_count=0)])
+    sim.fail_write(NIC, "enable", errno.EIO)
+    journal = Journal(undo_timeout_s=2)
+    journal.record(Undo(UndoKind.REENABLE, B, enable_count=1))
+    [result] = journal.rollback(sim.kernel)
+    assert (result.ok, result.detail) == (
+        False,
+        "enable: EIO (Input/output error): Input/output error",
+    )
+
+
+def test_a_refused_sriov_numvfs_is_what_is_reported_even_if_autoprobe_stays_off(
+    make_sim: SimFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sim, journal = pf_unbound_with_its_vfs_gone(make_sim)
+    sim.fail_write(PF, "sriov_numvfs", errno.ENOMEM)
+    start_set_sriov_numvfs = Kernel.start_set_sriov_numvfs
+
+    def then_autoprobe_refused(kernel: Kernel, bdf: Bdf, numvfs: int, timeout_s: float):  # type: ignore[no-untyped-def]
+        sim.fail_write(PF, "sriov_drivers_autoprobe", errno.EACCES)
+        return start_set_sriov_numvfs(kernel, bdf, numvfs, timeout_s)
+
+    monkeypatch.setattr(Kernel, "start_set_sriov_numvfs", then_autoprobe_refused)
+    results = journal.rollback(sim.kernel)
+    assert [(r.undo.kind, r.ok) for r in results] == [
+        (UndoKind.REBIND, True),
+        (UndoKind.RESTORE_SRIOV, False),
+    ]
+    assert results[1].detail.startswith("sriov_numvfs: ENOMEM (Cannot allocate memory)")
+    assert sim.attribute(PF, "sriov_drivers_autoprobe") == "0"  # what is there, as it is
