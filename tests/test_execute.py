@@ -5,9 +5,11 @@ from __future__ import annotations
 import errno
 import os
 import signal
+import time
 
 import pytest
 
+import petitkexec.execute
 from petitkexec.bdf import Bdf
 from petitkexec.execute import ExecutionOptions, Status, Teardown, TeardownReport
 from petitkexec.model import SystemFacts
@@ -595,3 +597,131 @@ def test_a_dry_run_says_what_each_step_would_do_and_the_command_register_it_foun
         assert would.status is Status.WOULD
         assert would.detail == str(would.step)  # e.g. "unbind (bound to e1000e)"
         assert would.command_after == sim.command_of(bdf) == 0x0006  # the JSON's command_after
+
+
+def test_two_hung_unbinds_are_both_named_in_why_the_run_stopped(make_sim: SimFactory) -> None:
+    sim = make_sim(
+        [
+            SimFunction("0000:00:03.0", driver="virtio-pci", remove_hangs=True),
+            SimFunction("0000:00:04.0", driver="virtio-pci", remove_hangs=True),
+        ]
+    )
+    _, report = run(sim, unbind_timeout_s=0.5)
+    assert report.hung == (Bdf.parse("0000:00:03.0"), Bdf.parse("0000:00:04.0"))
+    first, second = (outcome(report, bdf).detail for bdf in ("0000:00:03.0", "0000:00:04.0"))
+    assert report.stopped_because == (
+        f"unbind of 0000:00:03.0: {first}; unbind of 0000:00:04.0: {second}"
+    )
+
+
+def test_a_time_limit_that_runs_out_after_the_last_step_stops_nothing(
+    make_sim: SimFactory,
+) -> None:
+    sim = make_sim([SimFunction("0000:00:03.0", driver="e1000e")])
+    topology = sim.topology()
+    plan = build_plan(topology, Policy(), SystemFacts())
+
+    def slow_to_report(index: int, total: int, _outcome: object) -> None:
+        if index == total:
+            time.sleep(0.3)  # printing the last line, say, past the limit
+
+    options = ExecutionOptions(time_limit_s=0.2)
+    teardown = Teardown(sim.kernel, topology, plan, options, on_outcome=slow_to_report)
+    report = teardown.run()
+    assert teardown.budget.exhausted
+    assert report.stopped_because is None and report.rollback == ()
+    assert report.handoff_safe
+    assert sim.driver_of("0000:00:03.0") is None  # not rolled back
+
+
+class OneJumpClock:
+    """time.monotonic() for execute: the run's start, then 1.23456 s later for every read."""
+
+    def __init__(self) -> None:
+        self.reads = 0
+
+    def monotonic(self) -> float:
+        self.reads += 1
+        return 0.0 if self.reads == 1 else 1.23456
+
+
+def test_the_wall_time_is_reported_in_milliseconds_to_a_tenth(
+    make_sim: SimFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sim = make_sim(WITH_DRIVERLESS)
+    topology = sim.topology()
+    plan = build_plan(topology, Policy(), SystemFacts())
+    teardown = Teardown(sim.kernel, topology, plan, ExecutionOptions(dry_run=True))
+    monkeypatch.setattr(petitkexec.execute, "time", OneJumpClock())
+    report = teardown.run()
+    assert report.wall_ms == 1234.6  # what --json prints as wall_ms
+    assert [o.elapsed_ms for o in report.outcomes] == [0.0, 0.0]
+
+
+def test_a_run_in_which_no_step_finished_has_an_empty_critical_path(make_sim: SimFactory) -> None:
+    _, report = run(make_sim([]))  # a machine without PCI (s390x's CCW, a microVM)
+    assert (report.outcomes, report.critical_path, report.stopped_because) == ((), (), None)
+    sim = make_sim(WITH_DRIVERLESS)
+    topology = sim.topology()
+    teardown = Teardown(sim.kernel, topology, build_plan(topology, Policy(), SystemFacts()))
+    teardown.signals.received.append("SIGTERM")  # came before the first step
+    report = teardown.run()
+    assert (report.outcomes, report.critical_path) == ((), ())
+    assert report.stopped_because == "interrupted by SIGTERM"
+    assert sim.writes() == []
+
+
+def test_the_time_limit_cuts_a_reset_short_too(make_sim: SimFactory) -> None:
+    sim = make_sim(
+        [
+            root_port("0000:00:02.0", reset_subordinate=True, reset_seconds=3600),
+            SimFunction("0000:01:00.0", parent="0000:00:02.0", driver="e1000e"),
+        ]
+    )
+    began = time.monotonic()
+    _, report = run(
+        sim, policy=Policy(hot_reset=True), reset_timeout_s=30, unbind_timeout_s=0.5, time_limit_s=1
+    )
+    reset = outcome(report, "0000:00:02.0", Action.RESET_BUS)
+    assert reset.status is Status.HUNG
+    assert reset.detail.startswith("reset_subordinate: time limit ran out within ")
+    assert time.monotonic() - began < 10  # not the reset's own 30 s
+
+
+def test_each_outcome_is_reported_with_its_position_and_the_number_of_steps(
+    make_sim: SimFactory,
+) -> None:
+    sim = make_sim(WITH_DRIVERLESS)
+    topology = sim.topology()
+    plan = build_plan(topology, Policy(), SystemFacts())
+    seen: list[tuple[int, int, str]] = []
+    Teardown(
+        sim.kernel,
+        topology,
+        plan,
+        on_outcome=lambda index, total, done: seen.append((index, total, str(done.step.bdf))),
+    ).run()
+    assert sorted(seen) == [(1, 2, DRIVERLESS), (2, 2, "0000:00:03.0")]
+
+
+class TickingClock:
+    """time.monotonic() for execute: 12.3456 ms later at every read."""
+
+    def __init__(self) -> None:
+        self.reads = 0
+
+    def monotonic(self) -> float:
+        self.reads += 1
+        return self.reads * 0.0123456
+
+
+def test_each_steps_time_is_reported_in_milliseconds_to_a_hundredth(
+    make_sim: SimFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sim = make_sim(WITH_DRIVERLESS)
+    topology = sim.topology()
+    plan = build_plan(topology, Policy(), SystemFacts())
+    teardown = Teardown(sim.kernel, topology, plan, ExecutionOptions(dry_run=True))
+    monkeypatch.setattr(petitkexec.execute, "time", TickingClock())
+    report = teardown.run()
+    assert [o.elapsed_ms for o in report.outcomes] == [12.35, 12.35]  # one read apart
