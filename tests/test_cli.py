@@ -220,6 +220,9 @@ def test_exec_load_failure_refuses_with_kexecs_words_and_touches_nothing(
     )
     assert result.exit_code == ExitCode.PREFLIGHT_REFUSED
     assert "kexec load failed (1): cannot load: bad image" in result.stderr
+    assert f"hint: nothing was touched; {kexec} -l {kernel} --append=console=ttyS0" in (
+        result.stderr
+    )
     assert (tmp_path / "kexec-calls").read_text().split() == [
         "-l",
         str(kernel),
@@ -283,3 +286,38 @@ def test_next_kernel_reset_phbs_adds_the_parameter_to_the_reused_command_line(
         f"-l {kernel} --append=root=/dev/sda2 console=hvc0 ppc_pci_reset_phbs",
         f"-l {kernel} --append=quiet ppc_pci_reset_phbs",
     ]
+
+
+def test_verbose_logs_each_phase_with_what_it_found_as_json_lines(
+    make_sim: SimFactory, tmp_path: Path
+) -> None:
+    sim = make_sim(lockdown="integrity")  # lpc_ich's bus master cannot be cleared: one failure
+    result = invoke(environment(sim, tmp_path), "-v", "teardown")
+    assert result.exit_code == ExitCode.TEARDOWN_PARTIAL
+    logged = [json.loads(line) for line in result.stderr.splitlines() if line.startswith("{")]
+    events = {event["event"]: event for event in logged}
+    assert {key: events["discovered"][key] for key in ("functions", "needed", "lockdown")} == {
+        "functions": 16,
+        "needed": 0,
+        "lockdown": "integrity",
+    }
+    assert {key: events["planned"][key] for key in ("steps", "waves")} == {"steps": 16, "waves": 3}
+    torn_down = events["torn down"]
+    assert (torn_down["dry_run"], torn_down["failed"], torn_down["stopped"]) == (False, 1, None)
+    result = invoke(environment(sim, tmp_path), "-v", "teardown", "--dry-run")
+    dry = [json.loads(line) for line in result.stderr.splitlines() if '"torn down"' in line]
+    assert [(e["dry_run"], e["failed"]) for e in dry] == [(True, 0)]
+
+
+def test_exec_dry_run_neither_loads_nor_needs_root(make_sim: SimFactory, tmp_path: Path) -> None:
+    sim = make_sim(kexec_loaded=False)
+    kernel = tmp_path / "vmlinuz"
+    kernel.write_bytes(b"kernel")
+    kexec = scripted_kexec(tmp_path, load_rc=0, exec_rc=1)
+    args = ["exec", "--dry-run", "--json", "--kexec", str(kexec), "--load", str(kernel)]
+    result = invoke(environment(sim, tmp_path, euid=1000), *args)
+    assert result.exit_code == ExitCode.OK, result.stderr
+    assert f"dry run: would now run {kexec} -e" in result.stderr
+    assert json.loads(result.stdout)["handoff"] == "not attempted (dry run)"
+    assert not (tmp_path / "kexec-calls").exists()  # `kexec -l` replaces a loaded image
+    assert sim.writes() == []

@@ -5,12 +5,17 @@ from __future__ import annotations
 import errno
 import os
 import signal
+import time
 
+import pytest
+
+import petitkexec.execute
 from petitkexec.bdf import Bdf
 from petitkexec.execute import ExecutionOptions, Status, Teardown, TeardownReport
 from petitkexec.model import SystemFacts
 from petitkexec.plan import Action, build_plan
 from petitkexec.policy import Policy
+from petitkexec.unbind import Unbinder
 from tests.conftest import SimFactory
 from tests.simkernel import SimFunction, SimKernel, root_port
 
@@ -409,3 +414,317 @@ def test_a_bridge_waits_only_for_what_is_below_it_not_for_a_slow_device_elsewher
     ]
     assert report.critical_path_ms <= report.wall_ms
     assert report.wall_ms < 600 + 400  # the critical path plus the fast steps, not their sum
+
+
+def test_a_pf_waits_for_its_vfs_in_other_slots_and_on_other_buses(make_sim: SimFactory) -> None:
+    # A VF's routing ID is the PF's plus First VF Offset and VF Stride: with ARI, or many VFs,
+    # it lands in another slot or on another bus number (pci_iov_virtfn_bus()). Unbinding the
+    # PF removes its VFs (sriov_disable()), so their own unbinds must have finished first,
+    # even though they hold no slot the PF's unbind could wait on.
+    sim = make_sim(
+        [
+            root_port("0000:00:02.0"),
+            SimFunction("0000:01:00.0", parent="0000:00:02.0", driver="mlx5_core"),
+            *(
+                SimFunction(
+                    vf,
+                    parent="0000:00:02.0",
+                    physfn="0000:01:00.0",
+                    driver="mlx5_core",
+                    remove_seconds=0.2,
+                )
+                for vf in ("0000:01:01.0", "0000:02:00.0")
+            ),
+        ]
+    )
+    _, report = run(sim)
+    assert not report.failed
+    spans = sim.remove_spans()
+    pf_began = spans["0000:01:00.0"][0]
+    for vf in ("0000:01:01.0", "0000:02:00.0"):
+        assert outcome(report, vf).detail.startswith("unbound from mlx5_core"), vf
+        assert spans[vf][1] <= pf_began, vf
+    assert spans["0000:00:02.0"][0] >= spans["0000:01:00.0"][1]
+    assert [step for step, _ms in report.critical_path][-2:] == [
+        "unbind 0000:01:00.0",
+        "unbind 0000:00:02.0",
+    ]
+
+
+# -- an exception in the step loop: the unbinds in flight are waited for and journalled ---------
+
+TWO_NICS = [
+    SimFunction("0000:00:03.0", driver="e1000e"),
+    SimFunction("0000:00:04.0", driver="e1000e", remove_seconds=0.4),
+]
+
+
+def raising_after_first_outcome(index: int, _total: int, _outcome: object) -> None:
+    if index == 1:
+        raise RuntimeError("report could not be written")
+
+
+def test_an_exception_in_the_loop_waits_for_the_unbind_in_flight_and_journals_it(
+    make_sim: SimFactory,
+) -> None:
+    sim = make_sim(TWO_NICS)
+    topology = sim.topology()
+    plan = build_plan(topology, Policy(), SystemFacts())
+    teardown = Teardown(sim.kernel, topology, plan, on_outcome=raising_after_first_outcome)
+    with pytest.raises(RuntimeError, match="report could not be written"):
+        teardown.run()
+    # The slow NIC's remove() ran to its end before the exception left, and is journalled, so
+    # the rollback neither races it nor forgets to bind its driver again.
+    assert not sim.is_locked("0000:00:04.0")
+    assert sim.driver_of("0000:00:04.0") is None
+    assert {str(undo.bdf) for undo in teardown.journal.entries} == {"0000:00:03.0", "0000:00:04.0"}
+    results = teardown.rollback()
+    assert "rebind 0000:00:04.0 to e1000e" in [r.undo.describe() for r in results]
+    assert all(r.ok for r in results)
+    assert sim.driver_of("0000:00:03.0") == sim.driver_of("0000:00:04.0") == "e1000e"
+
+
+def test_an_unbind_in_flight_that_fails_to_finish_does_not_hide_the_loops_exception(
+    make_sim: SimFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sim = make_sim(TWO_NICS)
+    topology = sim.topology()
+    plan = build_plan(topology, Policy(), SystemFacts())
+    teardown = Teardown(sim.kernel, topology, plan, on_outcome=raising_after_first_outcome)
+    finish = Unbinder._finish
+
+    def failing_finish(self, step, *args):  # type: ignore[no-untyped-def]
+        if str(step.bdf) == "0000:00:04.0":
+            raise OSError(errno.EIO, "sysfs read failed")
+        return finish(self, step, *args)
+
+    monkeypatch.setattr(Unbinder, "_finish", failing_finish)
+    with pytest.raises(RuntimeError, match="report could not be written"):
+        teardown.run()
+    assert not sim.is_locked("0000:00:04.0")  # waited for all the same
+
+
+# -- the read-back right before the handoff ----------------------------------------------------
+
+DRIVERLESS = "0000:00:05.0"  # no driver, bus master on: a clear-bus-master step
+WITH_DRIVERLESS = [SimFunction("0000:00:03.0", driver="e1000e"), SimFunction(DRIVERLESS)]
+
+
+def test_read_back_with_nothing_come_back_is_the_report_itself(make_sim: SimFactory) -> None:
+    sim = make_sim(WITH_DRIVERLESS)
+    teardown, report = run(sim)
+    assert teardown.read_back(report) is report
+
+
+def test_read_back_marks_a_function_bound_again_failed_without_stopping(
+    make_sim: SimFactory,
+) -> None:
+    sim = make_sim(WITH_DRIVERLESS)
+    teardown, report = run(sim)
+    sim.probe_under_way(DRIVERLESS, "e1000e")
+    looked = teardown.read_back(report)
+    assert looked.stopped_because is None and looked.rollback == ()
+    back = outcome(looked, DRIVERLESS)
+    assert back.status is Status.FAILED
+    assert back.detail == "bus master cleared; came back: bound to e1000e again before the handoff"
+    assert outcome(looked, "0000:00:03.0") == outcome(report, "0000:00:03.0")
+    assert (looked.wall_ms, looked.critical_path) == (report.wall_ms, report.critical_path)
+    assert sim.driver_of("0000:00:03.0") is None  # nothing rolled back
+
+
+def test_read_back_clears_bus_master_switched_on_again(make_sim: SimFactory) -> None:
+    sim = make_sim(WITH_DRIVERLESS)
+    teardown, report = run(sim)
+    sim._set_command(DRIVERLESS, sim.command_of(DRIVERLESS) | 0x4)
+    looked = teardown.read_back(report)
+    assert looked.stopped_because is None and looked.rollback == ()
+    assert "came back: bus master on again before the handoff; cleared again" in (
+        outcome(looked, DRIVERLESS).detail
+    )
+    assert not sim.bus_master_on(DRIVERLESS)
+
+
+def test_read_back_stops_and_rolls_back_when_bus_master_cannot_be_cleared_again(
+    make_sim: SimFactory,
+) -> None:
+    sim = make_sim(WITH_DRIVERLESS)
+    teardown, report = run(sim)
+    sim._set_command(DRIVERLESS, sim.command_of(DRIVERLESS) | 0x4)
+    sim.fail_write(DRIVERLESS, "config", errno.EIO)
+    looked = teardown.read_back(report)
+    assert (looked.stopped_because or "").startswith("bus master on again and not clearable")
+    assert DRIVERLESS in (looked.stopped_because or "")
+    assert outcome(looked, DRIVERLESS).status is Status.FAILED
+    assert not looked.handoff_safe
+    assert "rebind 0000:00:03.0 to e1000e" in [r.undo.describe() for r in looked.rollback]
+    assert sim.driver_of("0000:00:03.0") == "e1000e"
+
+
+def test_read_back_leaves_a_stopped_run_and_a_dry_run_as_they_are(make_sim: SimFactory) -> None:
+    sim = make_sim(HUNG_WAVE)
+    teardown, report = run(sim, unbind_timeout_s=1, jobs=1)
+    assert report.stopped_because is not None
+    # The rollback bound 0000:00:03.0 again: a read-back now would call that "came back".
+    assert sim.driver_of("0000:00:03.0") == "e1000e"
+    assert teardown.read_back(report) is report
+    sim = make_sim(WITH_DRIVERLESS)
+    teardown, report = run(sim, dry_run=True)
+    assert teardown.read_back(report) is report
+
+
+# -- a stop signal after the step loop ----------------------------------------------------------
+
+
+def test_a_signal_after_the_loop_stops_the_run_and_rolls_it_back(make_sim: SimFactory) -> None:
+    sim = make_sim(WITH_DRIVERLESS)
+    teardown, report = run(sim)
+    assert teardown.stop_if_signalled(report) is report  # no signal: nothing to do
+    teardown.signals.received.append("SIGTERM")
+    stopped = teardown.stop_if_signalled(report)
+    assert stopped.stopped_because == "interrupted by SIGTERM"
+    assert stopped.interrupted and not stopped.handoff_safe
+    assert stopped.outcomes == report.outcomes
+    assert {r.undo.describe() for r in stopped.rollback} >= {"rebind 0000:00:03.0 to e1000e"}
+    assert all(r.ok for r in stopped.rollback)
+    assert sim.driver_of("0000:00:03.0") == "e1000e"
+    assert teardown.stop_if_signalled(stopped) is stopped  # already stopped: not twice
+
+
+def test_a_dry_run_says_what_each_step_would_do_and_the_command_register_it_found(
+    make_sim: SimFactory,
+) -> None:
+    sim = make_sim(WITH_DRIVERLESS)
+    _, report = run(sim, dry_run=True)
+    for bdf in ("0000:00:03.0", DRIVERLESS):
+        would = outcome(report, bdf)
+        assert would.status is Status.WOULD
+        assert would.detail == str(would.step)  # e.g. "unbind (bound to e1000e)"
+        assert would.command_after == sim.command_of(bdf) == 0x0006  # the JSON's command_after
+
+
+def test_two_hung_unbinds_are_both_named_in_why_the_run_stopped(make_sim: SimFactory) -> None:
+    sim = make_sim(
+        [
+            SimFunction("0000:00:03.0", driver="virtio-pci", remove_hangs=True),
+            SimFunction("0000:00:04.0", driver="virtio-pci", remove_hangs=True),
+        ]
+    )
+    _, report = run(sim, unbind_timeout_s=0.5)
+    assert report.hung == (Bdf.parse("0000:00:03.0"), Bdf.parse("0000:00:04.0"))
+    first, second = (outcome(report, bdf).detail for bdf in ("0000:00:03.0", "0000:00:04.0"))
+    assert report.stopped_because == (
+        f"unbind of 0000:00:03.0: {first}; unbind of 0000:00:04.0: {second}"
+    )
+
+
+def test_a_time_limit_that_runs_out_after_the_last_step_stops_nothing(
+    make_sim: SimFactory,
+) -> None:
+    sim = make_sim([SimFunction("0000:00:03.0", driver="e1000e")])
+    topology = sim.topology()
+    plan = build_plan(topology, Policy(), SystemFacts())
+
+    def slow_to_report(index: int, total: int, _outcome: object) -> None:
+        if index == total:
+            time.sleep(0.3)  # printing the last line, say, past the limit
+
+    options = ExecutionOptions(time_limit_s=0.2)
+    teardown = Teardown(sim.kernel, topology, plan, options, on_outcome=slow_to_report)
+    report = teardown.run()
+    assert teardown.budget.exhausted
+    assert report.stopped_because is None and report.rollback == ()
+    assert report.handoff_safe
+    assert sim.driver_of("0000:00:03.0") is None  # not rolled back
+
+
+class OneJumpClock:
+    """time.monotonic() for execute: the run's start, then 1.23456 s later for every read."""
+
+    def __init__(self) -> None:
+        self.reads = 0
+
+    def monotonic(self) -> float:
+        self.reads += 1
+        return 0.0 if self.reads == 1 else 1.23456
+
+
+def test_the_wall_time_is_reported_in_milliseconds_to_a_tenth(
+    make_sim: SimFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sim = make_sim(WITH_DRIVERLESS)
+    topology = sim.topology()
+    plan = build_plan(topology, Policy(), SystemFacts())
+    teardown = Teardown(sim.kernel, topology, plan, ExecutionOptions(dry_run=True))
+    monkeypatch.setattr(petitkexec.execute, "time", OneJumpClock())
+    report = teardown.run()
+    assert report.wall_ms == 1234.6  # what --json prints as wall_ms
+    assert [o.elapsed_ms for o in report.outcomes] == [0.0, 0.0]
+
+
+def test_a_run_in_which_no_step_finished_has_an_empty_critical_path(make_sim: SimFactory) -> None:
+    _, report = run(make_sim([]))  # a machine without PCI (s390x's CCW, a microVM)
+    assert (report.outcomes, report.critical_path, report.stopped_because) == ((), (), None)
+    sim = make_sim(WITH_DRIVERLESS)
+    topology = sim.topology()
+    teardown = Teardown(sim.kernel, topology, build_plan(topology, Policy(), SystemFacts()))
+    teardown.signals.received.append("SIGTERM")  # came before the first step
+    report = teardown.run()
+    assert (report.outcomes, report.critical_path) == ((), ())
+    assert report.stopped_because == "interrupted by SIGTERM"
+    assert sim.writes() == []
+
+
+def test_the_time_limit_cuts_a_reset_short_too(make_sim: SimFactory) -> None:
+    sim = make_sim(
+        [
+            root_port("0000:00:02.0", reset_subordinate=True, reset_seconds=3600),
+            SimFunction("0000:01:00.0", parent="0000:00:02.0", driver="e1000e"),
+        ]
+    )
+    began = time.monotonic()
+    _, report = run(
+        sim, policy=Policy(hot_reset=True), reset_timeout_s=30, unbind_timeout_s=0.5, time_limit_s=1
+    )
+    reset = outcome(report, "0000:00:02.0", Action.RESET_BUS)
+    assert reset.status is Status.HUNG
+    assert reset.detail.startswith("reset_subordinate: time limit ran out within ")
+    assert time.monotonic() - began < 10  # not the reset's own 30 s
+
+
+def test_each_outcome_is_reported_with_its_position_and_the_number_of_steps(
+    make_sim: SimFactory,
+) -> None:
+    sim = make_sim(WITH_DRIVERLESS)
+    topology = sim.topology()
+    plan = build_plan(topology, Policy(), SystemFacts())
+    seen: list[tuple[int, int, str]] = []
+    Teardown(
+        sim.kernel,
+        topology,
+        plan,
+        on_outcome=lambda index, total, done: seen.append((index, total, str(done.step.bdf))),
+    ).run()
+    assert sorted(seen) == [(1, 2, DRIVERLESS), (2, 2, "0000:00:03.0")]
+
+
+class TickingClock:
+    """time.monotonic() for execute: 12.3456 ms later at every read."""
+
+    def __init__(self) -> None:
+        self.reads = 0
+
+    def monotonic(self) -> float:
+        self.reads += 1
+        return self.reads * 0.0123456
+
+
+def test_each_steps_time_is_reported_in_milliseconds_to_a_hundredth(
+    make_sim: SimFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sim = make_sim(WITH_DRIVERLESS)
+    topology = sim.topology()
+    plan = build_plan(topology, Policy(), SystemFacts())
+    teardown = Teardown(sim.kernel, topology, plan, ExecutionOptions(dry_run=True))
+    monkeypatch.setattr(petitkexec.execute, "time", TickingClock())
+    report = teardown.run()
+    assert [o.elapsed_ms for o in report.outcomes] == [12.35, 12.35]  # one read apart

@@ -467,6 +467,9 @@ def test_watchdog_is_refused_when_the_kernel_would_stop_it_at_kexec(
         f"runs: {ESB_DRIVER} stops it on reboot (watchdog_stop_on_reboot(); boot with "
         "watchdog.stop_on_reboot=0)"
     ) in result.stderr
+    assert "hint: nothing was touched; without --watchdog a hung next kernel is not reset" in (
+        result.stderr
+    )
     assert sim.writes() == []
 
 
@@ -615,3 +618,48 @@ def test_outside_a_chroot_pid_1s_table_adds_nothing(machine: FakeMachine) -> Non
     os.symlink(OWN_NAMESPACE, machine.proc / "self" / "ns" / "mnt")
     in_namespace(machine, 1, "systemd", OWN_NAMESPACE).joinpath("mountinfo").write_text(table)
     assert machine.needed() == {}
+
+
+def test_a_watchdog_that_cannot_be_stopped_after_a_failed_handoff_is_said_to_reset_the_machine(
+    make_sim: SimFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sim = make_sim([*q35_like(), *WATCHDOG_MACHINE])
+    sim_watchdog(sim, "0000:00:0b.0", "0")
+    monkeypatch.setattr(petitkexec.run, "arm", lambda _watchdog, _seconds: None)
+
+    def busy(_watchdog: Watchdog) -> None:
+        raise OSError(16, "Device or resource busy")
+
+    monkeypatch.setattr(petitkexec.run, "disarm", busy)
+    kexec = str(fake_kexec(tmp_path, sim))
+    result = invoke(environment(sim, tmp_path), "exec", "--watchdog", "30", "--kexec", kexec)
+    assert result.exit_code == ExitCode.HANDOFF_FAILED
+    assert (
+        "watchdog: watchdog0 could not be stopped (Device or resource busy): it will reset the "
+        "machine"
+    ) in result.stderr
+    assert sim.driver_of("0000:02:00.0") == "e1000e"  # rolled back all the same
+
+
+def test_a_platform_watchdog_is_armed_with_no_pci_function_to_hold(
+    make_sim: SimFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sim = make_sim(q35_like())
+    real = sim.root / "devices" / "platform" / "iTCO_wdt" / "watchdog" / "watchdog0"
+    real.mkdir(parents=True)
+    (real / "state").write_text("inactive\n")
+    (real / "identity").write_text("iTCO_wdt\n")
+    (sim.root / "class" / "watchdog").mkdir(parents=True)
+    (sim.root / "class" / "watchdog" / "watchdog0").symlink_to(real)
+    parameters = sim.root / "module" / "watchdog" / "parameters"
+    parameters.mkdir(parents=True)
+    (parameters / "stop_on_reboot").write_text("0\n")
+    armed: list[str] = []
+    monkeypatch.setattr(petitkexec.run, "arm", lambda w, s: armed.append(f"{w.name} {s}"))
+    monkeypatch.setattr(petitkexec.run, "disarm", lambda _watchdog: None)
+    kexec = str(fake_kexec(tmp_path, sim))
+    result = invoke(environment(sim, tmp_path), "exec", "--watchdog", "30", "--kexec", kexec)
+    assert result.exit_code == ExitCode.HANDOFF_FAILED, result.stderr
+    assert armed == ["watchdog0 30"]
+    assert "armed for the handoff" not in result.stderr  # no PCI function is held for it
+    assert "watchdog: watchdog0 stopped again" in result.stderr

@@ -42,4 +42,8 @@ def test_a_disk_mounted_during_the_load_is_protected_and_the_report_says_so(
     steps = {step["bdf"]: step for step in json.loads(result.stdout)["steps"]}
     assert steps[NVME]["action"] == "protect"
     assert steps[NVME]["detail"] == "appeared after the scan: backs /data mounted rw"
-    assert "needed since the scan" in result.stderr
+    assert json.loads(result.stdout)["handoff"] == "failed"
+    warnings = [json.loads(line) for line in result.stderr.splitlines() if line.startswith("{")]
+    assert [(w["event"], w["functions"]) for w in warnings] == [
+        ("needed since the scan", [f"{NVME}: appeared after the scan: backs /data mounted rw"])
+    ]
