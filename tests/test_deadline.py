@@ -5,10 +5,14 @@ from __future__ import annotations
 
 import errno
 import os
+import signal
 import time
+from collections.abc import Callable
+from typing import NoReturn
 
 import pytest
 
+from petitkexec import deadline
 from petitkexec.deadline import Budget, Child, ChildResult, _collect, start_child, wait_first
 
 
@@ -119,3 +123,67 @@ def test_a_spent_time_limit_leaves_no_time_and_is_exhausted() -> None:
     budget = Budget(time.monotonic() - 1)
     assert budget.clip(5) == 0.0 and budget.exhausted
     assert Budget(time.monotonic()).exhausted  # reaching the end is spending it
+
+
+class Exited(Exception):
+    """os._exit, replaced: the child's body runs in this process, where mutation testing
+    (and coverage) can see it; a real fork loses what the child did."""
+
+    def __init__(self, status: int) -> None:
+        self.status = status
+
+
+@pytest.mark.parametrize(
+    ("call", "report"),
+    [
+        (lambda: None, "0 "),
+        (lambda: raises(OSError(errno.ENODEV, "No such device")), f"{errno.ENODEV} No such device"),
+        (lambda: raises(OSError("no errno")), f"{errno.EIO} no errno"),
+        (lambda: raises(KeyboardInterrupt()), f"{errno.EIO} KeyboardInterrupt()"),
+    ],
+)
+def test_the_child_ignores_stop_signals_reports_one_line_and_exits_0(
+    monkeypatch: pytest.MonkeyPatch, call: Callable[[], None], report: str
+) -> None:
+    ignored: list[bool] = []
+    monkeypatch.setattr(deadline, "ignore_in_child", lambda: ignored.append(True))
+
+    def exit_(status: int) -> NoReturn:
+        raise Exited(status)
+
+    monkeypatch.setattr(os, "_exit", exit_)
+    read_end, write_end = os.pipe()
+    reader = os.dup(read_end)
+    try:
+        with pytest.raises(Exited) as exited:
+            deadline._run_child(call, read_end, write_end)
+        assert exited.value.status == 0
+        assert ignored == [True]
+        with pytest.raises(OSError) as closed:  # the child's copy of the read end is closed
+            os.fstat(read_end)
+        assert closed.value.errno == errno.EBADF
+        os.close(write_end)
+        assert os.read(reader, 4096).decode() == report
+    finally:
+        os.close(reader)
+
+
+def test_the_child_exits_0_even_when_the_parent_is_gone(monkeypatch: pytest.MonkeyPatch) -> None:
+    """EPIPE on the report (the parent died) must not unwind into the parent's stack."""
+    monkeypatch.setattr(deadline, "ignore_in_child", lambda: None)
+
+    def exit_(status: int) -> NoReturn:
+        raise Exited(status)
+
+    monkeypatch.setattr(os, "_exit", exit_)
+    read_end, write_end = os.pipe()
+    reader = os.dup(read_end)
+    os.close(reader)  # no reader left once _run_child closes read_end: the write gets EPIPE
+    previous = signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+    try:
+        with pytest.raises(Exited) as exited:
+            deadline._run_child(lambda: None, read_end, write_end)
+        assert exited.value.status == 0
+    finally:
+        signal.signal(signal.SIGPIPE, previous)
+        os.close(write_end)
