@@ -187,3 +187,20 @@ def test_the_child_exits_0_even_when_the_parent_is_gone(monkeypatch: pytest.Monk
     finally:
         signal.signal(signal.SIGPIPE, previous)
         os.close(write_end)
+
+
+def test_a_collected_child_reports_how_long_it_ran() -> None:
+    child = start_child(lambda: time.sleep(0.05), timeout_s=30)
+    _, result = wait_first([child])
+    assert result.finished
+    assert 0.05 <= result.elapsed_s < 30
+
+
+def test_a_report_longer_than_pipe_buf_is_cut_and_a_split_character_replaced() -> None:
+    """The parent reads one PIPE_BUF (4096 bytes, what one pipe write keeps whole); a long
+    strerror cut in the middle of a UTF-8 character must still come back, not raise."""
+    message = "x" + "é" * 3000  # "5 x" then two-byte characters: byte 4096 splits one
+    child = start_child(lambda: raises(OSError(message)), timeout_s=30)
+    _, result = wait_first([child])
+    assert result.errno == errno.EIO
+    assert result.detail == "x" + "é" * 2046 + "\ufffd"
