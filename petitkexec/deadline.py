@@ -121,7 +121,7 @@ def _collect(child: Child) -> ChildResult:
     return ChildResult(True, code, detail, child.pid, time.monotonic() - child.started)
 
 
-def _abandon(child: Child, kill: bool = True) -> ChildResult:
+def _abandon(child: Child, kill: bool) -> ChildResult:
     # The child may sit in uninterruptible sleep and never die; do not wait for it.
     if kill:
         os.kill(child.pid, signal.SIGKILL)

@@ -5,10 +5,14 @@ from __future__ import annotations
 
 import errno
 import os
+import signal
 import time
+from collections.abc import Callable
+from typing import NoReturn
 
 import pytest
 
+from petitkexec import deadline
 from petitkexec.deadline import Budget, Child, ChildResult, _collect, start_child, wait_first
 
 
@@ -119,3 +123,84 @@ def test_a_spent_time_limit_leaves_no_time_and_is_exhausted() -> None:
     budget = Budget(time.monotonic() - 1)
     assert budget.clip(5) == 0.0 and budget.exhausted
     assert Budget(time.monotonic()).exhausted  # reaching the end is spending it
+
+
+class Exited(Exception):
+    """os._exit, replaced: the child's body runs in this process, where mutation testing
+    (and coverage) can see it; a real fork loses what the child did."""
+
+    def __init__(self, status: int) -> None:
+        self.status = status
+
+
+@pytest.mark.parametrize(
+    ("call", "report"),
+    [
+        (lambda: None, "0 "),
+        (lambda: raises(OSError(errno.ENODEV, "No such device")), f"{errno.ENODEV} No such device"),
+        (lambda: raises(OSError("no errno")), f"{errno.EIO} no errno"),
+        (lambda: raises(KeyboardInterrupt()), f"{errno.EIO} KeyboardInterrupt()"),
+    ],
+)
+def test_the_child_ignores_stop_signals_reports_one_line_and_exits_0(
+    monkeypatch: pytest.MonkeyPatch, call: Callable[[], None], report: str
+) -> None:
+    ignored: list[bool] = []
+    monkeypatch.setattr(deadline, "ignore_in_child", lambda: ignored.append(True))
+
+    def exit_(status: int) -> NoReturn:
+        raise Exited(status)
+
+    monkeypatch.setattr(os, "_exit", exit_)
+    read_end, write_end = os.pipe()
+    reader = os.dup(read_end)
+    try:
+        with pytest.raises(Exited) as exited:
+            deadline._run_child(call, read_end, write_end)
+        assert exited.value.status == 0
+        assert ignored == [True]
+        with pytest.raises(OSError) as closed:  # the child's copy of the read end is closed
+            os.fstat(read_end)
+        assert closed.value.errno == errno.EBADF
+        os.close(write_end)
+        assert os.read(reader, 4096).decode() == report
+    finally:
+        os.close(reader)
+
+
+def test_the_child_exits_0_even_when_the_parent_is_gone(monkeypatch: pytest.MonkeyPatch) -> None:
+    """EPIPE on the report (the parent died) must not unwind into the parent's stack."""
+    monkeypatch.setattr(deadline, "ignore_in_child", lambda: None)
+
+    def exit_(status: int) -> NoReturn:
+        raise Exited(status)
+
+    monkeypatch.setattr(os, "_exit", exit_)
+    read_end, write_end = os.pipe()
+    reader = os.dup(read_end)
+    os.close(reader)  # no reader left once _run_child closes read_end: the write gets EPIPE
+    previous = signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+    try:
+        with pytest.raises(Exited) as exited:
+            deadline._run_child(lambda: None, read_end, write_end)
+        assert exited.value.status == 0
+    finally:
+        signal.signal(signal.SIGPIPE, previous)
+        os.close(write_end)
+
+
+def test_a_collected_child_reports_how_long_it_ran() -> None:
+    child = start_child(lambda: time.sleep(0.05), timeout_s=30)
+    _, result = wait_first([child])
+    assert result.finished
+    assert 0.05 <= result.elapsed_s < 30
+
+
+def test_a_report_longer_than_pipe_buf_is_cut_and_a_split_character_replaced() -> None:
+    """The parent reads one PIPE_BUF (4096 bytes, what one pipe write keeps whole); a long
+    strerror cut in the middle of a UTF-8 character must still come back, not raise."""
+    message = "x" + "é" * 3000  # "5 x" then two-byte characters: byte 4096 splits one
+    child = start_child(lambda: raises(OSError(message)), timeout_s=30)
+    _, result = wait_first([child])
+    assert result.errno == errno.EIO
+    assert result.detail == "x" + "é" * 2046 + "\ufffd"
