@@ -211,6 +211,8 @@ class Teardown:
         return self._with_elapsed(self._run_step(step), began)
 
     def _run_step(self, step: Step) -> StepOutcome:
+        """A step `_runs_in_a_child` refuses: held, a dry run's, or a bus-master clear (a
+        config-space write; only remove() and a reset can block, so only they get a child)."""
         if not step.action.mutates:
             return StepOutcome(step, Status.HELD, step.reason)
         if self.options.dry_run:
@@ -221,15 +223,7 @@ class Teardown:
                 driver_after=self.kernel.driver(step.bdf),
                 command_after=self.kernel.read_command(step.bdf),
             )
-        if step.action is Action.CLEAR_BUS_MASTER:
-            return self.bus_master.hold_off_probes(self.bus_master.clear(step))
-        return self._wait(self._begin(step))
-
-    def _wait(self, started: StepOutcome | Pending) -> StepOutcome:
-        """One step's child, waited for alone (the one-at-a-time path)."""
-        if isinstance(started, StepOutcome):
-            return started
-        return started.finish(wait_first([started.child])[1])
+        return self.bus_master.hold_off_probes(self.bus_master.clear(step))
 
 
 def dependencies(topology: Topology, steps: tuple[Step, ...]) -> dict[int, set[int]]:
