@@ -50,7 +50,9 @@ def read_back(
         came_back += 1
         driver, command = back
         if driver is not None:
-            checked.append(_failed(outcome, f"bound to {driver} again before the handoff", command))
+            checked.append(
+                _failed(outcome, f"bound to {driver} again before the handoff", command, driver)
+            )
             continue
         cleared = bus_master.clear(outcome.step)
         if cleared.status is Status.DONE:
@@ -97,13 +99,15 @@ def _came_back(
     return (driver if rebound else None, command) if rebound or master_back else None
 
 
-def _failed(outcome: StepOutcome, why: str, command: int | None) -> StepOutcome:
+def _failed(
+    outcome: StepOutcome, why: str, command: int | None, rebound_to: str | None = None
+) -> StepOutcome:
     return StepOutcome(
         outcome.step,
         Status.FAILED,
         f"{outcome.detail}; came back: {why}",
         outcome.elapsed_ms,
-        driver_after=outcome.driver_after,
+        driver_after=rebound_to or outcome.driver_after,
         command_after=command,
         cleared_bus_master=outcome.cleared_bus_master,
     )

@@ -129,6 +129,7 @@ def report_to_json(report: TeardownReport) -> dict[str, Any]:
                 "status": o.status.value,
                 "detail": o.detail,
                 "elapsed_ms": o.elapsed_ms,
+                "driver_after": o.driver_after,
                 "command_after": None if o.command_after is None else f"{o.command_after:04x}",
             }
             for o in report.outcomes

@@ -105,6 +105,8 @@ def test_teardown_prints_each_step_and_a_json_summary(make_sim: SimFactory, tmp_
     report = json.loads(result.stdout)
     assert "0000:02:00.0" in report["summary"]["unbound"]
     assert "0000:00:02.3" in report["summary"]["bus_master_cleared"]
+    unbound = next(step for step in report["steps"] if step["bdf"] == "0000:02:00.0")
+    assert (unbound["status"], unbound["driver_after"]) == ("done", None)
     assert re.search(r"^\[ ?\d+/16\] 0000:01:00\.1 unbind +done", result.stderr, re.M)
     assert re.search(r"^wall time \d+ ms; critical path \d+ ms \(", result.stderr, re.M)
 
@@ -318,6 +320,10 @@ def test_exec_dry_run_neither_loads_nor_needs_root(make_sim: SimFactory, tmp_pat
     result = invoke(environment(sim, tmp_path, euid=1000), *args)
     assert result.exit_code == ExitCode.OK, result.stderr
     assert f"dry run: would now run {kexec} -e" in result.stderr
-    assert json.loads(result.stdout)["handoff"] == "not attempted (dry run)"
+    report = json.loads(result.stdout)
+    assert report["handoff"] == "not attempted (dry run)"
+    nic = next(step for step in report["steps"] if step["bdf"] == "0000:02:00.0")
+    # a dry run reports each function as it is, bound and bus mastering
+    assert (nic["status"], nic["driver_after"], nic["command_after"]) == ("would", "e1000e", "0006")
     assert not (tmp_path / "kexec-calls").exists()  # `kexec -l` replaces a loaded image
     assert sim.writes() == []

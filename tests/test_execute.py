@@ -527,6 +527,7 @@ def test_read_back_marks_a_function_bound_again_failed_without_stopping(
     back = outcome(looked, DRIVERLESS)
     assert back.status is Status.FAILED
     assert back.detail == "bus master cleared; came back: bound to e1000e again before the handoff"
+    assert back.driver_after == "e1000e"  # what bound it, not what the step saw
     assert outcome(looked, "0000:00:03.0") == outcome(report, "0000:00:03.0")
     assert (looked.wall_ms, looked.critical_path) == (report.wall_ms, report.critical_path)
     assert sim.driver_of("0000:00:03.0") is None  # nothing rolled back

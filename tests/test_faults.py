@@ -80,6 +80,7 @@ def test_2_an_unbind_the_kernel_refuses_is_a_failed_step_and_the_rest_goes_on(
     assert step["detail"].startswith(
         f"still bound to e1000e after unbind ({errno.errorcode[code]})"
     )
+    assert step["driver_after"] == "e1000e"  # how the step left it, for whoever reads --json
     assert sim.driver_of(NIC) == "e1000e"
     assert sim.attribute(NIC, "driver_override") == "(null)"  # put back as it was
     assert sim.driver_of("0000:03:00.0") is None  # the others were torn down
