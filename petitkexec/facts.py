@@ -108,20 +108,11 @@ def _hidden_root_needs(storage: Storage) -> Iterator[tuple[Bdf, str]]:
 
 
 def _mount_needs(
-    storage: Storage,
-    mounts: Sequence[Mount],
-    namespace: tuple[int, str] | None = None,
-    outside_chroot: bool = False,
+    storage: Storage, mounts: Sequence[Mount], where: str = "", root: str = ""
 ) -> Iterator[tuple[Bdf, str]]:
-    """Writable mounts and the root file system (the handoff still runs programs from it);
-    `namespace` (pid, command) names the process whose table this is: one in another mount
-    namespace, or one in ours whose root lies outside this chroot (`outside_chroot`)."""
-    where, root = "", ""
-    if namespace is not None:
-        where = f" in the mount namespace of pid {namespace[0]} ({namespace[1]})"
-        if outside_chroot:
-            where = f" as pid {namespace[0]} ({namespace[1]}) sees it, outside this chroot"
-        root = f"{storage.proc_root}/{namespace[0]}/root"
+    """Writable mounts and the root file system (the handoff still runs programs from it).
+    In another process's table, `root` is its /proc/PID/root and `where` says whose it is:
+    there the root counts only when writable, as every other mount."""
     # Only a 9p mount needs the virtio devices' tags; most systems have none.
     has_9p = any(mount.fstype == "9p" for mount in mounts)
     virtio_tags = _virtio_mount_tags(storage.sysfs_root) if has_9p else {}
@@ -139,7 +130,7 @@ def _mount_needs(
                 f"9p share {mount.source!r} mounted at {mount.mount_point}{where}",
             )
             continue
-        if not mount.writable and (mount.mount_point != "/" or namespace is not None):
+        if not mount.writable and (mount.mount_point != "/" or root):
             continue
         reason = f"backs {mount.mount_point} mounted {'rw' if mount.writable else 'ro'}{where}"
         for backing in storage.file_system(mount, root=root):
@@ -162,9 +153,7 @@ def _other_namespace_needs(
         own = os.readlink(storage.proc_root / "self" / "ns" / "mnt")
     except OSError:
         own = None
-    seen: set[tuple[object, ...]] = {
-        (m.device, m.fstype, m.source, m.writable) for m in storage.mounts
-    }
+    seen = {_identity(mount) for mount in storage.mounts}
     for namespace, pid in sorted(namespaces.items(), key=lambda item: item[1]):
         try:
             lines = (storage.proc_root / str(pid) / "mountinfo").read_text().splitlines()
@@ -172,36 +161,34 @@ def _other_namespace_needs(
             continue  # the process exited meanwhile
         new = []
         for line in lines:
-            key = _mount_key(line)
-            if key not in seen:
-                seen.add(key)
-                try:
-                    new.append(Mount.parse(line))
-                except ValueError:
-                    continue  # a table we cannot read adds nothing; ours was refused above
+            try:
+                mount = Mount.parse(line)
+            except ValueError:
+                continue  # a table we cannot read adds nothing; ours was refused above
+            if (identity := _identity(mount)) not in seen:
+                seen.add(identity)
+                new.append(mount)
         if new:
-            process = (pid, command_of(storage.proc_root, pid))
-            yield from _mount_needs(storage, new, process, outside_chroot=namespace == own)
+            command = command_of(storage.proc_root, pid)
+            if namespace == own:
+                where = f" as pid {pid} ({command}) sees it, outside this chroot"
+            else:
+                where = f" in the mount namespace of pid {pid} ({command})"
+            yield from _mount_needs(storage, new, where, f"{storage.proc_root}/{pid}/root")
 
 
-def _mount_key(line: str) -> tuple[object, ...]:
-    """What makes a mount the same as one already seen, without building a Mount: most of
-    every other namespace's table repeats ours (systemd's PrivateTmp=, ProtectSystem=)."""
-    before, _, after = line.partition(" - ")
-    fields, tail = before.split(), after.split()
-    if len(fields) < 6 or len(tail) < 2:
-        return (line,)
-    writable = "rw" in fields[5].split(",") and "ro" not in (tail[2:3] or [""])[0].split(",")
-    major, _, minor = fields[2].partition(":")
-    device = (int(major), int(minor)) if major.isdigit() and minor.isdigit() else fields[2]
-    return (device, tail[0], unescape(tail[1]), writable)
+def _identity(mount: Mount) -> tuple[object, ...]:
+    """What makes a mount the same as one already seen: most of every other namespace's
+    table repeats ours (systemd's PrivateTmp=, ProtectSystem=), each file system is read
+    once, through the first table listing it."""
+    return (mount.device, mount.fstype, mount.source, mount.writable)
 
 
 def _zfs_pool_needs(storage: Storage) -> Iterator[tuple[Bdf, str]]:
     """An imported pool writes (txg syncs, scrubs, resilvers) with nothing mounted."""
     pools = storage.imported_zfs_pools()
     if pools:
-        for backing in storage.zfs_pools(pools, ""):
+        for backing in storage.zfs_pools(pools):
             yield backing.bdf, backing.via.replace("in ZFS pool", "member of imported ZFS pool")
 
 
@@ -238,12 +225,9 @@ def _swap_needs(storage: Storage) -> Iterator[tuple[Bdf, str]]:
         lines = (storage.proc_root / "swaps").read_text().splitlines()[1:]
     except OSError:
         return
-    for line in lines:
-        fields = line.split()
-        if len(fields) < 2:
-            continue
-        for backing in storage.path(unescape(fields[0])):
-            yield backing.bdf, backing.reason(f"backs active swap {fields[0]}")
+    for name in [fields[0] for fields in map(str.split, lines) if fields]:
+        for backing in storage.path(unescape(name)):
+            yield backing.bdf, backing.reason(f"backs active swap {name}")
 
 
 def _console_needs(sysfs_root: Path) -> Iterator[tuple[Bdf, str]]:

@@ -148,7 +148,7 @@ class Storage:
             return set()
         if mount.fstype == "zfs":
             pool = mount.source.split("/")[0]
-            return self.zfs_pools([pool], "")
+            return self.zfs_pools([pool])
         if mount.fstype == "overlay":
             directories = mount.option("upperdir")
             if mount.mount_point == "/" or not directories:
@@ -201,7 +201,7 @@ class Storage:
         kstats = self.proc_root / "spl" / "kstat" / "zfs"
         return sorted(entry.name for entry in _entries(kstats) if entry.is_dir())
 
-    def zfs_pools(self, pools: list[str], how: str) -> set[Backing]:
+    def zfs_pools(self, pools: list[str], how: str = "") -> set[Backing]:
         found: set[Backing] = set()
         members = self._zfs_members()
         for pool in pools:

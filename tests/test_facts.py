@@ -242,6 +242,43 @@ def test_a_9p_mount_with_an_unknown_tag_needs_nothing(machine: FakeMachine) -> N
     assert machine.needed() == {}
 
 
+def test_a_virtio_device_without_a_readable_tag_is_skipped_not_the_ones_after_it(
+    machine: FakeMachine,
+) -> None:
+    # Only virtio-9p devices have a mount_tag (virtio-net, virtio-blk have none), and a tag is
+    # bytes the host chose: the devices are looked at in whatever order the directory lists
+    # them, the share listed last here. Its tag is read whole, only the NUL and newline the
+    # kernel appends dropped (mount_tag_show()).
+    devices = machine.sys / "bus" / "virtio" / "devices"
+    for number in range(4):
+        directory = machine.directory(f"pci0000:00/0000:00:0{number + 3}.0/virtio{number}")
+        machine.link(devices / f"virtio{number}", directory)
+    *others, share = [entry.resolve() for entry in devices.iterdir()]
+    (others[0] / "mount_tag").write_bytes(b"\xff\xfe\0\n")  # not UTF-8
+    (share / "mount_tag").write_bytes(b"dataX\0\n")
+    machine.mount("45 29 0:44 / /mnt/data rw,relatime shared:20 - 9p dataX rw,trans=virtio")
+    assert machine.needed() == {share.parent.name: "9p share 'dataX' mounted at /mnt/data"}
+
+
+def test_mounts_after_a_9p_share_and_a_read_only_mount_still_count(machine: FakeMachine) -> None:
+    virtio_9p(machine, "0000:00:04.0", "virtio2", "hostshare")
+    machine.block(SATA_DISK, "8:0")
+    machine.block(NVME_DISK, "259:0")
+    machine.mount("45 29 0:44 / /mnt/share rw,relatime shared:20 - 9p hostshare rw,trans=virtio")
+    machine.mount("40 29 8:0 / /srv ro,relatime shared:9 - ext4 /dev/sda ro")
+    machine.mount("41 29 259:0 / /var rw,relatime shared:10 - ext4 /dev/nvme0n1 rw")
+    assert machine.needed() == {
+        "0000:00:04.0": "9p share 'hostshare' mounted at /mnt/share",
+        "0000:01:00.0": "backs /var mounted rw",
+    }
+
+
+def console(machine: FakeMachine, active: str) -> None:
+    """/sys/class/tty/console/active: the consoles printk writes to (show_cons_active())."""
+    (machine.sys / "class" / "tty" / "console").mkdir(parents=True)
+    (machine.sys / "class" / "tty" / "console" / "active").write_text(active + "\n")
+
+
 def test_a_serial_console_on_a_pci_card_is_needed(machine: FakeMachine) -> None:
     port = machine.directory("pci0000:00/0000:00:16.3/0000:00:16.3:0/0000:00:16.3:0.0")
     machine.link(machine.sys / "class" / "tty" / "ttyS4" / "device", port)
@@ -268,6 +305,37 @@ def test_a_virtual_terminal_console_needs_the_framebuffers_pci_function(
     assert machine.needed() == {"0000:00:02.0": "console tty0"}
 
 
+def test_a_serial_console_is_not_taken_for_the_framebuffer_console(machine: FakeMachine) -> None:
+    # Only ttyN (a virtual terminal) is drawn on fb0: ttyS0 on a platform UART needs nothing,
+    # even with a PCI GPU behind fb0.
+    port = machine.directory("platform/serial8250/serial8250:0/serial8250:0.0")
+    machine.link(machine.sys / "class" / "tty" / "ttyS0" / "device", port)
+    gpu = machine.directory("pci0000:00/0000:00:02.0")
+    machine.link(machine.sys / "class" / "graphics" / "fb0" / "device", gpu)
+    console(machine, "ttyS0")
+    assert machine.needed() == {}
+
+
+def test_every_active_console_is_needed(machine: FakeMachine) -> None:
+    # console=tty0 console=ttyS4: printk writes to both.
+    gpu = machine.directory("pci0000:00/0000:00:02.0")
+    machine.link(machine.sys / "class" / "graphics" / "fb0" / "device", gpu)
+    port = machine.directory("pci0000:00/0000:00:16.3/0000:00:16.3:0/0000:00:16.3:0.0")
+    machine.link(machine.sys / "class" / "tty" / "ttyS4" / "device", port)
+    console(machine, "tty0 ttyS4")
+    assert machine.needed() == {"0000:00:02.0": "console tty0", "0000:00:16.3": "console ttyS4"}
+
+
+def test_a_console_whose_device_is_gone_needs_nothing(machine: FakeMachine) -> None:
+    # The card was removed between the read of `active` and the look at its link: a link
+    # whose target is gone names no function, though its text still holds an address.
+    link = machine.sys / "class" / "tty" / "ttyS4" / "device"
+    link.parent.mkdir(parents=True)
+    link.symlink_to("../../../devices/pci0000:00/0000:00:16.3/0000:00:16.3:0/0000:00:16.3:0.0")
+    console(machine, "ttyS4")
+    assert machine.needed() == {}
+
+
 def test_the_first_reason_for_a_function_wins(machine: FakeMachine) -> None:
     machine.block(SATA_DISK, "8:0")
     machine.block(f"{SATA_DISK}/sda1", "8:1", partition=True)
@@ -279,8 +347,11 @@ def test_the_first_reason_for_a_function_wins(machine: FakeMachine) -> None:
 
 def test_without_mountinfo_the_facts_are_refused_not_guessed(machine: FakeMachine) -> None:
     (machine.proc / "self" / "mountinfo").unlink()
-    with pytest.raises(PreflightRefused, match="the disks the running system needs are unknown"):
+    with pytest.raises(
+        PreflightRefused, match="the disks the running system needs are unknown"
+    ) as refused:
         gather_facts(machine.sys, machine.proc)
+    assert refused.value.hint == f"mount -t proc proc {machine.proc}"
 
 
 def test_a_mountinfo_line_that_does_not_parse_is_refused(machine: FakeMachine) -> None:
@@ -329,6 +400,13 @@ def test_lockdown_is_unknown_when_not_exposed(tmp_path: Path) -> None:
     assert read_lockdown(tmp_path) is None
 
 
+def test_lockdown_without_a_level_in_brackets_is_unknown(tmp_path: Path) -> None:
+    # Not what lockdown_read() writes (the active level is always bracketed): unknown, not
+    # a crash.
+    write_sysfs(tmp_path, "kernel/security/lockdown", "none integrity confidentiality\n")
+    assert read_lockdown(tmp_path) is None
+
+
 @pytest.mark.parametrize(("text", "loaded"), [("1\n", True), ("0\n", False)])
 def test_kexec_loaded_says_whether_an_image_is_loaded(
     tmp_path: Path, text: str, loaded: bool
@@ -340,6 +418,15 @@ def test_kexec_loaded_says_whether_an_image_is_loaded(
 
 def test_kexec_loaded_is_unknown_when_not_exposed(tmp_path: Path) -> None:
     assert read_kexec_loaded(tmp_path) is None
+
+
+@pytest.mark.parametrize("opal", [True, False])
+def test_powernv_is_told_by_opal_firmware_in_sysfs(tmp_path: Path, opal: bool) -> None:
+    # /sys/firmware/opal exists on OPAL (PowerNV) systems only (opal_init()).
+    write_sysfs(tmp_path, "kernel/kexec_loaded", "0\n")
+    if opal:
+        (tmp_path / "firmware" / "opal").mkdir(parents=True)
+    assert gather_facts(tmp_path, tmp_path / "proc").powernv is opal
 
 
 def test_a_sysfs_link_resolves_with_readlink_as_realpath_does(tmp_path: Path) -> None:

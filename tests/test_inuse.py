@@ -4,7 +4,9 @@ processes hold file descriptors (symbolic links named as the kernel shows them).
 from __future__ import annotations
 
 import os
+import stat
 import struct
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -23,7 +25,7 @@ from tests.builders import bridge, endpoint, policy_of
 from tests.clirun import environment, fake_kexec, invoke
 from tests.conftest import SimFactory, q35_like
 from tests.simkernel import SimFunction, SimKernel
-from tests.test_facts import FakeMachine
+from tests.test_facts import NVME_DISK, SATA_DISK, FakeMachine
 
 GPU = "0000:41:00.0"
 ESB_DRIVER = "i6300ESB timer"  # the PCI driver's name in drivers/watchdog/i6300esb.c
@@ -51,6 +53,20 @@ def process(machine: FakeMachine, pid: int, comm: str, fds: dict[int, tuple[str,
     for fd, (target, flags) in fds.items():
         os.symlink(target, directory / "fd" / str(fd))
         (directory / "fdinfo" / str(fd)).write_text(f"pos:\t0\nflags:\t{flags:07o}\n")
+
+
+def stat_as(files: dict[str, tuple[int, str]]) -> Callable[[str], os.stat_result]:
+    """os.stat, but each path of `files` is a directory (S_IFDIR) or regular file (S_IFREG)
+    on the block device MAJ:MIN given: a file system this test cannot mount."""
+
+    def stat_file(path: str) -> os.stat_result:
+        if path not in files:
+            return os.stat(path)
+        mode, device = files[path]
+        major, minor = (int(number) for number in device.split(":"))
+        return os.stat_result((mode | 0o755, 2, os.makedev(major, minor), 1, 0, 0, 0, 0, 0, 0))
+
+    return stat_file
 
 
 def test_a_gpu_held_open_is_protected_naming_the_process(machine: FakeMachine) -> None:
@@ -179,6 +195,25 @@ def test_an_nvme_multipath_namespace_open_for_writing_is_its_controllers_functio
     assert [(str(use.bdf), str(use)) for use in uses] == [
         (NVME, "in use: /dev/nvme0n1 by pid 12 sleep")
     ]
+
+
+def test_a_loop_device_open_for_writing_needs_the_disk_holding_its_backing_file(
+    machine: FakeMachine,
+) -> None:
+    # qemu writing to /dev/loop0: its file (loop_attr_backing_file_show()) is on the NVMe
+    # disk, found through the same stat() as the mounts' (given to gather_facts()).
+    machine.block(NVME_DISK, "259:0")
+    loop = machine.directory("virtual/block/loop0")
+    device_node(machine, "block", "7:0", "virtual/block/loop0", "loop0")
+    (loop / "loop").mkdir()
+    (loop / "loop" / "backing_file").write_text("/var/lib/images/petitkexec-test.img\n")
+    process(machine, 30, "qemu-system-x86", {9: ("/dev/loop0", 0o100002)})  # O_RDWR
+    files = {"/var/lib/images/petitkexec-test.img": (stat.S_IFREG, "259:0")}
+    facts = gather_facts(machine.sys, machine.proc, stat_file=stat_as(files))
+    assert {str(bdf): reason for bdf, reason in facts.needed.items()} == {
+        NVME: "loop0 on /var/lib/images/petitkexec-test.img, in use: /dev/loop0 by pid 30 "
+        "qemu-system-x86"
+    }
 
 
 def test_an_nvme_character_device_and_a_drm_node_lead_to_their_functions(
@@ -618,6 +653,53 @@ def test_outside_a_chroot_pid_1s_table_adds_nothing(machine: FakeMachine) -> Non
     os.symlink(OWN_NAMESPACE, machine.proc / "self" / "ns" / "mnt")
     in_namespace(machine, 1, "systemd", OWN_NAMESPACE).joinpath("mountinfo").write_text(table)
     assert machine.needed() == {}
+
+
+def test_a_mount_two_namespaces_list_is_read_once_through_the_lowest_pid(
+    machine: FakeMachine,
+) -> None:
+    # dockerd's namespace (pid 812) and one cloned from it by `unshare -m` (pid 900; its
+    # number is lower: proc_alloc_inum() reuses freed ones) both list the same overlay. Its
+    # upperdir names a directory as dockerd sees it: through /proc/812/root it is on the NVMe
+    # disk; through pid 900's root the same path is elsewhere, and is not looked at.
+    machine.block(NVME_DISK, "259:0")
+    machine.block(SATA_DISK, "8:0")
+    upper = "/var/lib/docker/overlay2/petitkexec-test/diff"
+    overlay = (
+        "200 29 0:60 / /var/lib/docker/overlay2/petitkexec-test/merged rw,relatime - overlay"
+        f" overlay rw,lowerdir=/var/lib/docker/overlay2/l/A,upperdir={upper},workdir=/w\n"
+    )
+    in_namespace(machine, 812, "dockerd", "mnt:[4026532999]").joinpath("mountinfo").write_text(
+        overlay
+    )
+    in_namespace(machine, 900, "unshare", "mnt:[4026532001]").joinpath("mountinfo").write_text(
+        overlay
+    )
+    files = {
+        f"{machine.proc}/812/root{upper}": (stat.S_IFDIR, "259:0"),
+        f"{machine.proc}/900/root{upper}": (stat.S_IFDIR, "8:0"),
+    }
+    facts = gather_facts(machine.sys, machine.proc, stat_file=stat_as(files))
+    assert {str(bdf): reason for bdf, reason in facts.needed.items()} == {
+        NVME: "backs /var/lib/docker/overlay2/petitkexec-test/merged mounted rw in the mount "
+        "namespace of pid 812 (dockerd)"
+    }
+
+
+def test_a_namespace_whose_process_exited_or_a_line_that_does_not_parse_skips_only_itself(
+    machine: FakeMachine,
+) -> None:
+    machine.block(SATA_DISK, "8:0")
+    exited = in_namespace(machine, 50, "sh", "mnt:[4026532700]")
+    (exited / "mountinfo").unlink()  # gone between the walk over /proc and this read
+    worker = in_namespace(machine, 900, "worker", CONTAINER_NAMESPACE)
+    (worker / "mountinfo").write_text(
+        "40 29 8:0 / /old rw,relatime\n"  # not a mountinfo line (none the kernel writes)
+        "41 29 8:0 / /data rw,relatime - xfs /dev/sda rw\n"
+    )
+    assert machine.needed() == {
+        "0000:00:1f.2": "backs /data mounted rw in the mount namespace of pid 900 (worker)"
+    }
 
 
 def test_a_watchdog_that_cannot_be_stopped_after_a_failed_handoff_is_said_to_reset_the_machine(
