@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import os
 import time
+from pathlib import Path
 
 import pytest
 
@@ -350,13 +351,23 @@ def test_a_bind_that_answers_success_without_binding_says_the_driver_did_not_bin
     assert sim.attribute(NIC, "driver_override") == "(null)"
 
 
-def test_a_write_past_its_deadline_is_killed_before_it_lands(make_sim: SimFactory) -> None:
+def test_a_write_past_its_deadline_is_killed_before_it_lands(
+    make_sim: SimFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
     sim = unbound_nic(make_sim)
-    journal = Journal(undo_timeout_s=1e-6)  # abandoned before the child reaches write()
+    write = SimKernel.write
+
+    def slow_override(self: SimKernel, path: Path, data: bytes, offset: int | None = None) -> None:
+        if path.name == "driver_override":
+            time.sleep(1.0)  # the child is still on its way to write() at its deadline
+        write(self, path, data, offset)
+
+    monkeypatch.setattr(SimKernel, "write", slow_override)
+    journal = Journal(undo_timeout_s=1e-6)
     journal.record(Undo(UndoKind.REBIND, B, driver="e1000e"))
     [result] = journal.rollback(sim.kernel)
     assert not result.ok and result.detail.startswith("driver_override: ETIMEDOUT")
-    time.sleep(0.5)  # long enough for a child that was not killed to write
+    time.sleep(1.5)  # long enough for a child that was not killed to write
     assert sim.attribute(NIC, "driver_override") == "none"
 
 
