@@ -50,12 +50,11 @@ class ProcessScan:
 
 
 def device_nodes(
-    sysfs_root: Path, proc_root: Path, storage: Storage | None = None
+    sysfs_root: Path, proc_root: Path, storage: Storage
 ) -> dict[str, tuple[bool, tuple[Backing, ...]]]:
     """/dev path → (is a block device, the PCI functions behind it), for every device node
     below a PCI function: block (through network block devices, loop, zram, ... too), nvme,
     drm, sound, input, tty, hidraw, watchdog, vfio."""
-    storage = storage or Storage(sysfs_root, proc_root)
     nodes: dict[str, tuple[bool, tuple[Backing, ...]]] = {}
     for kind in ("char", "block"):
         # Plain strings, not Paths: there are hundreds of these links (every tty, every
@@ -175,19 +174,6 @@ def _readlink_at(directory: int, name: str) -> str | None:
         return os.readlink(name, dir_fd=directory)
     except OSError:
         return None  # closed or the process exited meanwhile
-
-
-def functions_in_use(sysfs_root: Path, proc_root: Path) -> list[NodeUse]:
-    """Every PCI function with a device node some process holds open (a block device only
-    when open for writing: reading a disk does not lose data)."""
-    return in_use_and_live_update(sysfs_root, proc_root)[0]
-
-
-def in_use_and_live_update(sysfs_root: Path, proc_root: Path) -> tuple[list[NodeUse], str | None]:
-    """functions_in_use(), and why Live Update may preserve devices across this kexec (or
-    None)."""
-    busy = scan_busy(sysfs_root, proc_root, Storage(sysfs_root, proc_root))
-    return busy.in_use, busy.live_update
 
 
 # eq=False: equal only to itself; nothing compares one (no __eq__/__hash__ to compile at start)

@@ -16,10 +16,10 @@ import petitkexec.watchdog
 from petitkexec.bdf import Bdf
 from petitkexec.errors import ExitCode
 from petitkexec.facts import gather_facts
-from petitkexec.inuse import device_nodes, functions_in_use
+from petitkexec.inuse import NodeUse, device_nodes, scan_busy
 from petitkexec.model import Topology
 from petitkexec.plan import Action, build_plan
-from petitkexec.storage import Backing
+from petitkexec.storage import Backing, Storage
 from petitkexec.watchdog import Watchdog, arm, disarm, watchdogs, why_it_stops
 from tests.builders import bridge, endpoint, policy_of
 from tests.clirun import environment, fake_kexec, invoke
@@ -35,6 +35,10 @@ NVME = "0000:01:00.0"
 @pytest.fixture
 def machine(tmp_path: Path) -> FakeMachine:
     return FakeMachine(tmp_path)
+
+
+def functions_in_use(sysfs_root: Path, proc_root: Path) -> list[NodeUse]:
+    return scan_busy(sysfs_root, proc_root, Storage(sysfs_root, proc_root)).in_use
 
 
 def device_node(machine: FakeMachine, kind: str, number: str, relative: str, name: str) -> None:
@@ -144,7 +148,7 @@ def test_device_nodes_are_the_pci_ones_past_entries_that_cannot_be_read(
     machine.link(machine.sys / "dev" / "char" / "226:9", late)
     (machine.proc / "driver" / "nvidia" / "gpus" / "0000:42:00.0").mkdir()
     nvme, gpu = (Backing(Bdf.parse(NVME)),), (Backing(Bdf.parse(GPU)),)
-    assert device_nodes(machine.sys, machine.proc) == {
+    assert device_nodes(machine.sys, machine.proc, Storage(machine.sys, machine.proc)) == {
         "/dev/nvme0": (False, nvme),
         "/dev/nvme0n1": (True, nvme),
         "/dev/dri/card0": (False, gpu),
@@ -389,12 +393,22 @@ KEXEC_STOPS = [
     ({"identity": "SP5100 TCO timer"}, "SP5100 TCO timer stops it on reboot"),
     ({"identity": "iTCO_wdt", "parameter": "1"}, "watchdog.stop_on_reboot=1"),
     ({"identity": "HPE iLO2+ HW Watchdog Timer", "parameter": "1"}, "watchdog.stop_on_reboot=1"),
-    ({"identity": "other_wdt", "options": "0x8180"}, "other_wdt: whether its driver stops"),
+    (
+        {"identity": "other_wdt", "options": "0x8180"},
+        "other_wdt: whether its driver stops it at reboot is not known (not in petitkexec's "
+        "table; boot with watchdog.stop_on_reboot=0 to keep it running)",
+    ),
     ({"identity": "other_wdt", "options": "0x8180", "parameter": "0"}, None),
     ({"identity": "other_wdt", "options": "0x8080", "parameter": "0"}, "other_wdt has no magic"),
     ({"identity": "other_wdt", "options": "0x8080", "parameter": "0", "nowayout": "1"}, None),
     ({"identity": "iamt_wdt", "parameter": "0"}, "iamt_wdt has no magic close"),
-    ({"identity": "other_wdt", "parameter": "0"}, "other_wdt: whether closing /dev/watchdog0"),
+    (
+        {"identity": "other_wdt", "parameter": "0"},
+        "other_wdt: whether closing /dev/watchdog0 stops it is not known (no `options` in "
+        "sysfs, and not in petitkexec's table)",
+    ),
+    # `options` that is not a number tells nothing: not known, not "no magic close"
+    ({"identity": "other_wdt", "options": "n/a", "parameter": "0"}, "other_wdt: whether closing"),
     ({"identity": "Software Watchdog", "parameter": "0"}, "Software Watchdog is a timer of the"),
 ]
 

@@ -14,6 +14,7 @@ from petitkexec.inuse import scan_busy
 from petitkexec.mounts import Mount, overlay_directories
 from petitkexec.storage import Storage
 from tests.test_facts import NVME_DISK, SATA_DISK, FakeMachine
+from tests.test_inuse import process
 from tests.test_netstorage import NetMachine
 
 NVME = "0000:01:00.0"
@@ -207,3 +208,19 @@ def test_a_file_on_a_network_file_system_is_not_stat_ed_and_needs_every_nic(
         ("0000:00:03.0", "/srv/nfs/images/disk.img on nfs4")
     }
     assert storage.path("/srv/nfsx/disk.img") == set()  # another mount point's prefix only
+
+
+def test_a_process_writing_to_a_loop_device_holds_the_disk_of_its_file(
+    machine: FakeMachine, tmp_path: Path
+) -> None:
+    # Unmounted, so only the open fd ties the NVMe to it: what reaches the disk is the loop
+    # driver's I/O to the backing file, and the reason says so before naming the process.
+    image = tmp_path / "disk.img"
+    image.write_bytes(b"")
+    put_on_nvme(machine, image)
+    loop = machine.block("virtual/block/loop0", "7:0")
+    (loop / "loop").mkdir()
+    (loop / "loop" / "backing_file").write_text(f"{image}\n")
+    (loop / "uevent").write_text("MAJOR=7\nDEVNAME=loop0\n")
+    process(machine, 10, "dd", {3: ("/dev/loop0", 0o100001)})  # O_WRONLY | O_LARGEFILE
+    assert machine.needed() == {NVME: f"loop0 on {image}, in use: /dev/loop0 by pid 10 dd"}
