@@ -388,12 +388,25 @@ class SimKernel:
             wanted = driver or function.driver
             if override != "(null)":  # the override decides which driver may bind, if any
                 wanted = override if driver in (None, override) else None
-            if wanted in (None, "none"):
+            # An override names a driver; a name no registered driver has matches nothing
+            # (`none` is the usual such name: driver_match_device() fails for every driver).
+            if wanted is None or not (self.root / "bus" / "pci" / "drivers" / wanted).is_dir():
                 return None
-            assert wanted is not None
             self._probe(bdf, wanted)
         self._log_event(bdf, f"probed {wanted}")
         return wanted
+
+    def load_driver(self, driver: str) -> list[str]:
+        """modprobe: the driver registers (driver_register() -> driver_attach()) and binds
+        each unbound function it matches, its own or one whose driver_override names it.
+        Returns the functions it bound."""
+        self._driver_dir(driver)
+        bound = []
+        for bdf, function in self.by_bdf.items():
+            named = self.exists(bdf) and self.attribute(bdf, "driver_override") == driver
+            if (function.driver == driver or named) and self.late_probe(bdf, driver) == driver:
+                bound.append(bdf)
+        return bound
 
     def fire_deferred_probes(self) -> list[str]:
         """driver_deferred_probe_trigger(): the probes that deferred run again, and succeed."""
