@@ -3,7 +3,7 @@
 Builds a fake /proc (N processes, FDS open files each: pipes, sockets, /dev/null, ttys, and one
 process holding an NVMe controller; each with its mount namespace link, one in 50 in a
 container's) and a sysfs with 64 device nodes below PCI functions, then
-times petitkexec.inuse.functions_in_use and, in turn with it, the scan it replaced (one
+times petitkexec.inuse.scan_busy and, in turn with it, the scan it replaced (one
 readlink by full path per fd, Path objects per process). Prints median wall and CPU time
 (user + sys of this process: the machine is shared, wall time waits for a core), the ratio
 new/old and the growth 1k -> 10k, all measured in one run:
@@ -19,7 +19,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from petitkexec.inuse import NodeUse, device_nodes, functions_in_use
+from petitkexec.inuse import NodeUse, device_nodes, scan_busy
+from petitkexec.storage import Storage
 
 FDS = 20
 NODES = 64
@@ -52,7 +53,7 @@ def build(root: Path, processes: int) -> tuple[Path, Path]:
 def previous_scan(sysfs: Path, proc: Path) -> list[str]:
     """The scan before readlinkat(): the baseline, the nodes it finds (no fdinfo: none is a
     block device here)."""
-    wanted, found = set(device_nodes(sysfs, proc)), []
+    wanted, found = set(device_nodes(sysfs, proc, Storage(sysfs, proc))), []
     for process in os.scandir(proc):
         if process.name.isdigit():
             for fd in os.scandir(Path(process.path) / "fd"):
@@ -66,11 +67,11 @@ def previous_scan(sysfs: Path, proc: Path) -> list[str]:
 
 
 def current_scan(sysfs: Path, proc: Path) -> list[str]:
-    uses: list[NodeUse] = functions_in_use(sysfs, proc)
+    uses: list[NodeUse] = scan_busy(sysfs, proc, Storage(sysfs, proc)).in_use
     return [use.node for use in uses]
 
 
-SCANS = {"functions_in_use": current_scan, "previous scan": previous_scan}
+SCANS = {"scan_busy": current_scan, "previous scan": previous_scan}
 
 
 def medians(sysfs: Path, proc: Path, repeat: int) -> dict[str, tuple[float, float]]:
@@ -96,7 +97,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as directory:
             sysfs, proc = build(Path(directory), processes)
             results[processes] = medians(sysfs, proc, repeat)
-        new, old = results[processes]["functions_in_use"], results[processes]["previous scan"]
+        new, old = results[processes]["scan_busy"], results[processes]["previous scan"]
         print(f"{processes:>6} processes x {FDS} open files (median of {repeat}):")
         for name, (wall, cpu) in results[processes].items():
             print(f"  {name:<18} wall {wall * 1000:8.1f} ms   cpu {cpu * 1000:8.1f} ms")
