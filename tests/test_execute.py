@@ -638,6 +638,12 @@ def test_a_time_limit_that_runs_out_after_the_last_step_stops_nothing(
     assert sim.driver_of("0000:00:03.0") is None  # not rolled back
 
 
+def dry_run_teardown(sim: SimKernel) -> Teardown:
+    topology = sim.topology()
+    plan = build_plan(topology, Policy(), SystemFacts())
+    return Teardown(sim.kernel, topology, plan, ExecutionOptions(dry_run=True))
+
+
 class OneJumpClock:
     """time.monotonic() for execute: the run's start, then 1.23456 s later for every read."""
 
@@ -652,10 +658,7 @@ class OneJumpClock:
 def test_the_wall_time_is_reported_in_milliseconds_to_a_tenth(
     make_sim: SimFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    sim = make_sim(WITH_DRIVERLESS)
-    topology = sim.topology()
-    plan = build_plan(topology, Policy(), SystemFacts())
-    teardown = Teardown(sim.kernel, topology, plan, ExecutionOptions(dry_run=True))
+    teardown = dry_run_teardown(make_sim(WITH_DRIVERLESS))
     monkeypatch.setattr(petitkexec.execute, "time", OneJumpClock())
     report = teardown.run()
     assert report.wall_ms == 1234.6  # what --json prints as wall_ms
@@ -722,10 +725,7 @@ class TickingClock:
 def test_each_steps_time_is_reported_in_milliseconds_to_a_hundredth(
     make_sim: SimFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    sim = make_sim(WITH_DRIVERLESS)
-    topology = sim.topology()
-    plan = build_plan(topology, Policy(), SystemFacts())
-    teardown = Teardown(sim.kernel, topology, plan, ExecutionOptions(dry_run=True))
+    teardown = dry_run_teardown(make_sim(WITH_DRIVERLESS))
     monkeypatch.setattr(petitkexec.execute, "time", TickingClock())
     report = teardown.run()
     assert [o.elapsed_ms for o in report.outcomes] == [12.35, 12.35]  # one read apart

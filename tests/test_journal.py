@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from petitkexec.bdf import Bdf
-from petitkexec.deadline import wait_first
+from petitkexec.deadline import ChildResult, wait_first
 from petitkexec.journal import Journal, Undo, UndoKind, UndoResult
 from petitkexec.kernel import Kernel
 from tests.conftest import SimFactory
@@ -271,13 +271,19 @@ def test_an_abandoned_unbind_bound_elsewhere_keeps_the_override_and_says_where(
     assert not any(w["path"].endswith("/bind") for w in sim.writes())
 
 
+def abandoned_unbind(make_sim: SimFactory) -> tuple[SimKernel, ChildResult]:
+    """NIC's unbind, given up after 0.3 s while remove() still holds device_lock."""
+    sim = make_sim([SimFunction(NIC, driver="e1000e", remove_hangs=True)], autoprobe=False)
+    sim.kernel.set_driver_override(B, "none")
+    _child, unbind = wait_first([sim.kernel.start_unbind(B, "e1000e", 0.3)])
+    return sim, unbind
+
+
 def test_an_abandoned_unbind_still_in_remove_is_reported_and_its_override_lands_later(
     make_sim: SimFactory,
 ) -> None:
-    sim = make_sim([SimFunction(NIC, driver="e1000e", remove_hangs=True)], autoprobe=False)
+    sim, unbind = abandoned_unbind(make_sim)
     kernel = sim.kernel
-    kernel.set_driver_override(B, "none")
-    _child, unbind = wait_first([kernel.start_unbind(B, "e1000e", 0.3)])
     assert not unbind.finished
     journal = Journal(undo_timeout_s=0.5)
     undo = Undo(UndoKind.REBIND, B, driver="e1000e", abandoned_pid=unbind.pid)
@@ -374,10 +380,8 @@ def test_a_write_past_its_deadline_is_killed_before_it_lands(
 def test_a_write_meant_to_land_later_is_not_killed_at_its_deadline(
     make_sim: SimFactory,
 ) -> None:
-    sim = make_sim([SimFunction(NIC, driver="e1000e", remove_hangs=True)], autoprobe=False)
+    sim, unbind = abandoned_unbind(make_sim)
     kernel = sim.kernel
-    kernel.set_driver_override(B, "none")
-    _child, unbind = wait_first([kernel.start_unbind(B, "e1000e", 0.3)])
     journal = Journal(undo_timeout_s=1e-6)  # abandoned before the child reaches write()
     journal.record(Undo(UndoKind.REBIND, B, driver="e1000e", abandoned_pid=unbind.pid))
     [result] = journal.rollback(kernel)
