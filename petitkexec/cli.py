@@ -32,7 +32,7 @@ from petitkexec.settings import SETTINGS, Scope, Settings, load_config, resolve
 # or print JSON, traceback only with --debug.
 if TYPE_CHECKING:
     from petitkexec.outcome import StepOutcome, TeardownReport
-    from petitkexec.run import ExecResult
+    from petitkexec.run import ExecResult, HandoffRequest
     from petitkexec.watchdog import Watchdog
 
 EXIT_CODES_HELP = """\b
@@ -463,7 +463,7 @@ def exec_command(
     result = exec_(environment, prepared, request, _print_outcome, handing_off)
     if result.handoff is not Handoff.FAILED:  # a failed handoff's file is already written
         _teardown_metrics(settings.metrics, result.report)
-    _print_exec_result(result, as_json)
+    _print_exec_result(result, request, as_json)
     sys.exit(result.exit_code)
 
 
@@ -488,7 +488,7 @@ def _handing_off(report: TeardownReport, command: str) -> None:
     _echo_err(f"handing off: {command}")
 
 
-def _print_exec_result(result: ExecResult, as_json: bool) -> None:
+def _print_exec_result(result: ExecResult, request: HandoffRequest, as_json: bool) -> None:
     from petitkexec.render import report_to_json, rollback_lines, rollback_to_json
     from petitkexec.run import Handoff
 
@@ -511,7 +511,7 @@ def _print_exec_result(result: ExecResult, as_json: bool) -> None:
     else:
         _print_report(result.report)
         if result.handoff is Handoff.DRY_RUN:
-            _echo_err(f"dry run: would now run {result.command}")
+            _echo_err(f"dry run: would now run {request.describe()}")
         else:
             _echo_err(f"no handoff: {result.handoff.value}")
     if as_json:

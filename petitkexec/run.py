@@ -128,7 +128,6 @@ class ExecResult:
 
     report: TeardownReport
     handoff: Handoff
-    command: str
     failure: HandoffResult | None = None
     rollback: tuple[UndoResult, ...] = ()
     watchdog_after: str | None = None  # what became of --watchdog's watchdog after a failure
@@ -183,16 +182,15 @@ def exec_(
     run = _teardown(environment, prepared, on_outcome)
     with _guarded(run):
         report = _timed_run(run)
-        command = request.describe()
         if dry_run:
-            return ExecResult(report, Handoff.DRY_RUN, command)
+            return ExecResult(report, Handoff.DRY_RUN)
         report = run.stop_if_signalled(run.read_back(report))
         if not report.handoff_safe:
-            return ExecResult(report, Handoff.STOPPED, command)
+            return ExecResult(report, Handoff.STOPPED)
         if request.strict and report.failed:
-            return ExecResult(report, Handoff.WITHHELD, command)
+            return ExecResult(report, Handoff.WITHHELD)
         if on_handing_off is not None:
-            on_handing_off(report, command)
+            on_handing_off(report, request.describe())
         if request.watchdog is not None:
             arm(request.watchdog.watchdog, request.watchdog.timeout_s)
         failure = execute_loaded_kernel(
@@ -207,7 +205,6 @@ def exec_(
         return ExecResult(
             report,
             Handoff.FAILED,
-            command,
             failure,
             rollback,
             watchdog_after,
@@ -227,26 +224,20 @@ def _disarm(watchdog: Watchdog) -> str:
 def _teardown(
     environment: Environment, prepared: Prepared, on_outcome: OutcomeCallback | None
 ) -> Teardown:
-    if not prepared.settings.execution.dry_run:
-        prepared = _looked_again(environment, prepared)
-    return Teardown(
-        environment.kernel(),
-        prepared.topology,
-        prepared.plan,
-        prepared.settings.execution,
-        on_outcome=on_outcome,
-    )
+    execution = prepared.settings.execution
+    plan = prepared.plan if execution.dry_run else _looked_again(environment, prepared)
+    return Teardown(environment.kernel(), prepared.topology, plan, execution, on_outcome=on_outcome)
 
 
-def _looked_again(environment: Environment, prepared: Prepared) -> Prepared:
-    """What became needed since the scan is protected, and the report says so (lookagain.py)."""
+def _looked_again(environment: Environment, prepared: Prepared) -> Plan:
+    """The plan again if something became needed since the scan: it is protected, and the
+    report says so (lookagain.py)."""
     facts, appeared = look_again(prepared.facts, environment.facts)
     if not appeared:
-        return prepared
+        return prepared.plan
     needed = [f"{bdf}: {reason}" for bdf, reason in appeared.items()]
     get_logger("petitkexec").warning("needed since the scan", functions=needed)
-    plan = build_plan(prepared.topology, prepared.settings.policy, facts)
-    return Prepared(prepared.topology, facts, plan, prepared.settings)
+    return build_plan(prepared.topology, prepared.settings.policy, facts)
 
 
 def _timed_run(run: Teardown) -> TeardownReport:

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import tempfile
@@ -8,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+import petitkexec.handoff
 from tests import simlocks
 from tests.simkernel import SimFunction, SimKernel, root_port
 
@@ -20,6 +22,24 @@ def sysfs_writes_are_uninterruptible(monkeypatch: pytest.MonkeyPatch) -> Iterato
     monkeypatch.setattr(os, "kill", simlocks.kill)
     yield
     simlocks.release_everything()
+
+
+@pytest.fixture(autouse=True)
+def no_reboot_syscall(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """No test hands the machine it runs on to kexec, whatever path reaches the handoff (a
+    mutant of run.py that drops the binary, mutation testing's run as root): the reboot
+    syscall answers as a kernel with no image loaded (kernel_kexec(): EINVAL). The list
+    returned records each call."""
+    calls: list[str] = []
+
+    def refused() -> petitkexec.handoff.HandoffResult:
+        calls.append("reboot(LINUX_REBOOT_CMD_KEXEC)")
+        return petitkexec.handoff.HandoffResult(
+            ("reboot(LINUX_REBOOT_CMD_KEXEC)",), errno.EINVAL, os.strerror(errno.EINVAL)
+        )
+
+    monkeypatch.setattr(petitkexec.handoff, "_reboot_syscall", refused)
+    return calls
 
 
 # The real-kernel lane's timings (tests/vm/conftest.py's record_timing) pass from pytest-xdist's

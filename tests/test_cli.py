@@ -141,6 +141,9 @@ def test_exec_dry_run_changes_nothing_and_says_what_it_would_run(
     assert f"dry run: would now run {kexec} -e" in result.stderr
     assert sim.writes() == []
     assert not (tmp_path / "kexec-args").exists()
+    args = ["exec", "--dry-run", "--kexec", str(kexec), "--", "-f"]
+    with_args = invoke(environment(sim, tmp_path), *args)
+    assert f"dry run: would now run {kexec} -f -e" in with_args.stderr  # as exec_argv orders them
 
 
 def test_exec_tears_down_then_runs_kexec_e_and_rolls_back_when_it_returns(
@@ -157,6 +160,13 @@ def test_exec_tears_down_then_runs_kexec_e_and_rolls_back_when_it_returns(
     assert "handoff failed" in result.stderr
     assert sim.driver_of("0000:02:00.0") == "e1000e"  # rolled back
     assert sim.driver_of("0000:01:00.0") == "nvme"
+    # The last line before the handoff names what runs, as it runs; after it, no word of a
+    # watchdog that --watchdog did not start.
+    lines = result.stderr.splitlines()
+    handing_off = [i for i, line in enumerate(lines) if line.startswith("handing off: ")]
+    assert [lines[i] for i in handing_off] == [f"handing off: {kexec} -f -e"]
+    assert lines[handing_off[0] + 1].startswith("handoff failed: ")
+    assert not any(line.startswith("watchdog:") for line in lines)
 
 
 def test_a_failed_handoff_is_reported_on_one_line_whatever_kexec_printed(

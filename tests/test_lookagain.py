@@ -6,7 +6,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from petitkexec.blockdev import resolve_link
+from petitkexec.environment import Environment
 from petitkexec.errors import ExitCode
 from tests.clirun import ROOT_MOUNT, environment, invoke, shell_script
 from tests.conftest import SimFactory
@@ -47,3 +50,21 @@ def test_a_disk_mounted_during_the_load_is_protected_and_the_report_says_so(
     assert [(w["event"], w["functions"]) for w in warnings] == [
         ("needed since the scan", [f"{NVME}: appeared after the scan: backs /data mounted rw"])
     ]
+
+
+def test_a_dry_run_scans_once_and_shows_the_plan_of_that_scan(
+    make_sim: SimFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A dry run touches nothing, so nothing can need protecting from it: the scan of every
+    # process's open files and mounts (the slow part on a big machine) is not done twice.
+    scans: list[int] = []
+    facts = Environment.facts
+
+    def counted(self: Environment) -> object:
+        scans.append(1)
+        return facts(self)
+
+    monkeypatch.setattr(Environment, "facts", counted)
+    result = invoke(environment(make_sim(), tmp_path), "teardown", "--dry-run")
+    assert result.exit_code == ExitCode.OK, result.stderr
+    assert len(scans) == 1
