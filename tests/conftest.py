@@ -6,6 +6,7 @@ import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
 
@@ -40,6 +41,22 @@ def no_reboot_syscall(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 
     monkeypatch.setattr(petitkexec.handoff, "_reboot_syscall", refused)
     return calls
+
+
+@pytest.fixture(autouse=True)
+def no_exit_from_the_test_process(monkeypatch: pytest.MonkeyPatch) -> None:
+    """os._exit refuses in the process running the test and exits in any child it forked.
+    Code that leaves through os._exit where it should not (a child's body run by the parent,
+    as a mutant of deadline.start_child's `pid == 0` does) would otherwise end the whole test
+    run at once with status 0, which reads as success; here it fails the test instead."""
+    test_process, real_exit = os.getpid(), os._exit
+
+    def exit_only_in_a_child(code: int) -> NoReturn:
+        if os.getpid() == test_process:
+            raise AssertionError(f"os._exit({code}) in the process running the tests")
+        real_exit(code)
+
+    monkeypatch.setattr(os, "_exit", exit_only_in_a_child)
 
 
 # The real-kernel lane's timings (tests/vm/conftest.py's record_timing) pass from pytest-xdist's

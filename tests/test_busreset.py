@@ -46,15 +46,21 @@ def sleeps(sim: SimKernel) -> list[float]:
     return [float(w["data"]) for w in sim.writes() if w["path"] == "sleep"]
 
 
+def assert_answered_at_once(outcome: StepOutcome, sim: SimKernel, functions: int = 1) -> None:
+    """A reset through reset_subordinate after which every function waited for answered at
+    the first poll: done, and no sleep recorded."""
+    assert (outcome.status, outcome.detail) == (
+        Status.DONE,
+        f"reset_subordinate; {functions} functions answered",
+    )
+    assert sleeps(sim) == []
+
+
 def test_reset_subordinate_is_the_first_choice(make_sim: SimFactory) -> None:
     sim = make_sim(port_with(nic(reset_methods=("bus",)), reset_subordinate=True))
     outcome = reset(sim)
-    assert (outcome.status, outcome.detail) == (
-        Status.DONE,
-        "reset_subordinate; 1 functions answered",
-    )
+    assert_answered_at_once(outcome, sim)
     assert [e.split()[:2] for e in sim.events()] == [[PORT, "reset_subordinate"]]
-    assert sleeps(sim) == []  # everything answered at once
 
 
 def test_the_only_function_below_is_reset_through_its_bus_reset_method(
@@ -213,11 +219,7 @@ def test_only_a_vendor_id_of_all_ones_is_silence(make_sim: SimFactory) -> None:
     # the register that says "no answer" is the vendor ID at offset 0, nothing next to it.
     sim = make_sim(port_with(nic(vendor=0xFF01, device=0x10FF), reset_subordinate=True))
     outcome = reset(sim)
-    assert (outcome.status, outcome.detail) == (
-        Status.DONE,
-        "reset_subordinate; 1 functions answered",
-    )
-    assert sleeps(sim) == []
+    assert_answered_at_once(outcome, sim)
 
 
 def test_vfs_are_not_waited_for_as_they_read_all_ones_by_design(make_sim: SimFactory) -> None:
@@ -225,11 +227,7 @@ def test_vfs_are_not_waited_for_as_they_read_all_ones_by_design(make_sim: SimFac
     vf = SimFunction(NIC2, parent=PORT, physfn=NIC, command=0x0002)
     sim = make_sim(port_with(pf, vf, reset_subordinate=True))
     outcome = reset(sim)
-    assert (outcome.status, outcome.detail) == (
-        Status.DONE,
-        "reset_subordinate; 1 functions answered",
-    )
-    assert sleeps(sim) == []
+    assert_answered_at_once(outcome, sim)
 
 
 def test_a_function_gone_after_the_reset_is_not_waited_for(make_sim: SimFactory) -> None:
@@ -241,11 +239,7 @@ def test_a_function_gone_after_the_reset_is_not_waited_for(make_sim: SimFactory)
     assert isinstance(begun, Pending)
     _child, result = wait_first([begun.child])
     outcome = begun.finish(result)
-    assert (outcome.status, outcome.detail) == (
-        Status.DONE,
-        "reset_subordinate; 2 functions answered",
-    )
-    assert sleeps(sim) == []
+    assert_answered_at_once(outcome, sim, 2)
 
 
 def test_bus_master_on_again_after_the_reset_fails_the_step(make_sim: SimFactory) -> None:
