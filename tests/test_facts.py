@@ -117,8 +117,9 @@ class FakeMachine:
         self.mountinfo.append(line)
         (self.proc / "self" / "mountinfo").write_text("\n".join(self.mountinfo) + "\n")
 
-    def needed(self) -> dict[str, str]:
-        facts = gather_facts(self.sys, self.proc)
+    def needed(self, stat_file: Callable[[str], os.stat_result] = os.stat) -> dict[str, str]:
+        """What gather_facts() protects on this machine, by function, with the reason."""
+        facts = gather_facts(self.sys, self.proc, stat_file=stat_file)
         return {str(bdf): reason for bdf, reason in facts.needed.items()}
 
 
@@ -494,8 +495,7 @@ def test_the_disk_holding_a_chroot_whose_mount_is_hidden_is_needed(machine: Fake
     machine.block(NVME_DISK, "259:0")
     machine.block(f"{NVME_DISK}/nvme0n1p2", "259:2", partition=True)
     machine.mount("300 29 0:5 / /proc rw,nosuid - proc proc rw")
-    facts = gather_facts(machine.sys, machine.proc, stat_file=stat_with_root("259:2"))
-    assert {str(bdf): reason for bdf, reason in facts.needed.items()} == {
+    assert machine.needed(stat_file=stat_with_root("259:2")) == {
         "0000:01:00.0": "backs / of this chroot (its mount lies outside it: not in our mount table)"
     }
 
@@ -503,7 +503,6 @@ def test_the_disk_holding_a_chroot_whose_mount_is_hidden_is_needed(machine: Fake
 def test_a_root_in_the_mount_table_is_not_looked_up_again(machine: FakeMachine) -> None:
     machine.block(NVME_DISK, "259:0")
     machine.mount("29 1 259:0 / / ro,relatime shared:1 - ext4 /dev/nvme0n1 ro")
-    facts = gather_facts(machine.sys, machine.proc, stat_file=stat_with_root("259:0"))
-    assert {str(bdf): reason for bdf, reason in facts.needed.items()} == {
+    assert machine.needed(stat_file=stat_with_root("259:0")) == {
         "0000:01:00.0": "backs / mounted ro"
     }

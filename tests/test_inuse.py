@@ -213,8 +213,7 @@ def test_a_loop_device_open_for_writing_needs_the_disk_holding_its_backing_file(
     (loop / "loop" / "backing_file").write_text("/var/lib/images/petitkexec-test.img\n")
     process(machine, 30, "qemu-system-x86", {9: ("/dev/loop0", 0o100002)})  # O_RDWR
     files = {"/var/lib/images/petitkexec-test.img": (stat.S_IFREG, "259:0")}
-    facts = gather_facts(machine.sys, machine.proc, stat_file=stat_as(files))
-    assert {str(bdf): reason for bdf, reason in facts.needed.items()} == {
+    assert machine.needed(stat_file=stat_as(files)) == {
         NVME: "loop0 on /var/lib/images/petitkexec-test.img, in use: /dev/loop0 by pid 30 "
         "qemu-system-x86"
     }
@@ -693,8 +692,7 @@ def test_a_mount_two_namespaces_list_is_read_once_through_the_lowest_pid(
         f"{machine.proc}/812/root{upper}": (stat.S_IFDIR, "259:0"),
         f"{machine.proc}/900/root{upper}": (stat.S_IFDIR, "8:0"),
     }
-    facts = gather_facts(machine.sys, machine.proc, stat_file=stat_as(files))
-    assert {str(bdf): reason for bdf, reason in facts.needed.items()} == {
+    assert machine.needed(stat_file=stat_as(files)) == {
         NVME: "backs /var/lib/docker/overlay2/petitkexec-test/merged mounted rw in the mount "
         "namespace of pid 812 (dockerd)"
     }
