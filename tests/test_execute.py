@@ -591,16 +591,18 @@ def test_a_signal_after_the_loop_stops_the_run_and_rolls_it_back(make_sim: SimFa
     assert teardown.stop_if_signalled(stopped) is stopped  # already stopped: not twice
 
 
-def test_a_dry_run_says_what_each_step_would_do_and_the_command_register_it_found(
+def test_a_dry_run_says_what_each_step_would_do_and_the_driver_and_command_it_found(
     make_sim: SimFactory,
 ) -> None:
     sim = make_sim(WITH_DRIVERLESS)
     _, report = run(sim, dry_run=True)
-    for bdf in ("0000:00:03.0", DRIVERLESS):
+    for bdf, driver in (("0000:00:03.0", "e1000e"), (DRIVERLESS, None)):
         would = outcome(report, bdf)
         assert would.status is Status.WOULD
         assert would.detail == str(would.step)  # e.g. "unbind (bound to e1000e)"
-        assert would.command_after == sim.command_of(bdf) == 0x0006  # the JSON's command_after
+        # the JSON's driver_after and command_after: what is there now, since nothing changed
+        assert would.driver_after == sim.driver_of(bdf) == driver
+        assert would.command_after == sim.command_of(bdf) == 0x0006
 
 
 def test_two_hung_unbinds_are_both_named_in_why_the_run_stopped(make_sim: SimFactory) -> None:
